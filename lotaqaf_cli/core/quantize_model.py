@@ -1,0 +1,146 @@
+"""Quantize a decoder-only model layer by layer (GPTQ or round-to-nearest).
+
+The inputs of decoder layer k are the outputs of the already-quantized layers 0..k-1, so each
+layer's GPTQ sees the errors of the layers before it. Embeddings, norms and lm_head stay in full
+precision. No I/O: progress is reported through an optional callback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .gptq import HessianAccumulator, gptq_quantize, output_error
+from .qlinear import QuantLinear
+from .quant import dequantize, rtn_quantize
+
+# True-sequential order inside a Llama/Qwen2 decoder layer.
+SEQUENTIAL_GROUPS = [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+
+
+@dataclass
+class LayerStat:
+    name: str
+    kind: str          # q_proj, k_proj, ...
+    gptq_error: float  # relative output error on the calibration inputs
+    rtn_error: float   # the same for round-to-nearest on the same grid
+
+
+class _Captured(Exception):
+    pass
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError("expected a Llama/Qwen2-style model with model.model.layers")
+    return layers
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside the decoder layers (full names)."""
+    prefix = "model.layers"
+    return {f"{prefix}.{n}": m for n, m in decoder_layers(model).named_modules() if isinstance(m, nn.Linear)}
+
+
+def check_group_size(model: nn.Module, group_size: int) -> str | None:
+    """The first layer whose input size the group size does not divide, else None."""
+    if group_size <= 0:
+        return None
+    for name, m in linear_layers(model).items():
+        if m.in_features % group_size:
+            return f"{name} (input size {m.in_features})"
+    return None
+
+
+def _set_child(parent: nn.Module, dotted: str, module: nn.Module) -> None:
+    owner_name, _, child = dotted.rpartition(".")
+    setattr(parent.get_submodule(owner_name) if owner_name else parent, child, module)
+
+
+def _call_layer(layer, hidden, kwargs):
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def capture_first_layer_inputs(model: nn.Module, batches: list[torch.Tensor], device) -> list[tuple]:
+    """Run the embeddings on each batch of token ids and keep (hidden, kwargs) entering layer 0."""
+    layers = decoder_layers(model)
+    captured: list[tuple] = []
+
+    def hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        captured.append((hidden.detach(), kwargs))
+        raise _Captured
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, batches: list[torch.Tensor], *, bits: int, group_size: int,
+                   method: str = "gptq", act_order: bool = False, static_groups: bool = False,
+                   true_sequential: bool = False, damp_percent: float = 0.01, block_size: int = 128,
+                   device: str | torch.device = "cpu", progress=None) -> list[LayerStat]:
+    """Replace every decoder nn.Linear by a QuantLinear, in place. Returns per-layer errors.
+
+    The model must already sit on ``device``; ``batches`` are token-id tensors [b, seq_len].
+    """
+    model.eval()
+    device = torch.device(device)
+    layers = decoder_layers(model)
+    inputs = capture_first_layer_inputs(model, batches, device)
+    stats: list[LayerStat] = []
+    for li, layer in enumerate(layers):
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        if true_sequential:
+            groups = [[n for n in linears if n.rsplit(".", 1)[-1] in kinds] for kinds in SEQUENTIAL_GROUPS]
+            groups = [g for g in groups if g]
+            rest = [n for n in linears if not any(n in g for g in groups)]
+            if rest:
+                groups.append(rest)
+        else:
+            groups = [list(linears)]
+        for names in groups:
+            acc = {n: HessianAccumulator(linears[n].in_features, device) for n in names}
+            handles = [linears[n].register_forward_pre_hook(lambda _m, a, n=n: acc[n].add_batch(a[0]))
+                       for n in names]
+            for hidden, kw in inputs:
+                _call_layer(layer, hidden, kw)
+            for h in handles:
+                h.remove()
+            for n in names:
+                lin = linears[n]
+                W, H = lin.weight.data, acc[n].H
+                rtn = rtn_quantize(W.t(), bits, group_size)
+                rtn_w = dequantize(*[t.to(W.device) for t in (rtn[0], rtn[1], rtn[2], rtn[3])]).t()
+                if method == "gptq":
+                    res = gptq_quantize(W, H, bits, group_size, damp_percent=damp_percent, block_size=block_size,
+                                        act_order=act_order, static_groups=static_groups)
+                    codes, scales, zeros, g_idx = res.codes, res.scales, res.zeros, res.g_idx
+                else:
+                    codes, scales, zeros, g_idx = rtn
+                q = QuantLinear.from_quantized(codes, scales, zeros, g_idx, bits, group_size,
+                                               None if lin.bias is None else lin.bias.data.float())
+                q_w = q.dequantize().t().to(W.device)
+                stats.append(LayerStat(f"model.layers.{li}.{n}", n.rsplit(".", 1)[-1],
+                                       output_error(W, q_w, H), output_error(W, rtn_w, H)))
+                _set_child(layer, n, q.to(device))
+                del acc[n]
+        inputs = [(_call_layer(layer, hidden, kw), kw) for hidden, kw in inputs]
+        if progress:
+            progress(li + 1, len(layers))
+    return stats

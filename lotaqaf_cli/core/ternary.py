@@ -1,0 +1,383 @@
+"""Ternary adaptation (TA) of a QuantLinear: the method page, section 1.
+
+Notation (input-major, as in quant.py): codes W_int [D_in, D_out], scales s and zero points z
+[G, D_out], group of input row i = g_idx[i]. The adapter is two ternary matrices A_T [D_in, r] and
+B_T [r, D_out]; dW = A_T @ B_T has integer entries in [-r, r].
+
+- markers  W_hat = sign(dW) * [|dW| > omega], +1 suppressed where W_int == 2^N-1, -1 where W_int == 0
+- offset factor  mu = (mean of R = dW - omega * W_hat over the rows of a group) / omega
+- W_eff = s[g] * (W_int - z[g] + W_hat + mu[g]);  y = x @ W_eff (+ bias)
+- gradient: straight-through (d W_hat / d dW = identity), flowing through mu as well.
+
+Pure tensor math: no I/O, no printing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .qlinear import QuantLinear
+from .quant import max_code
+
+GRANULARITIES = ("group", "channel", "tensor", "none")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+INIT_THRESHOLD = 0.75  # ternarisation threshold, times mean|A|
+
+
+# ----------------------------------------------------------------------------------------------
+# Initialisation
+# ----------------------------------------------------------------------------------------------
+
+def ternarize(a: torch.Tensor, factor: float = INIT_THRESHOLD) -> torch.Tensor:
+    """x > t -> 1, x < -t -> -1, else 0, with t = factor * mean|a|."""
+    t = factor * a.abs().mean()
+    return (a > t).to(a.dtype) - (a < -t).to(a.dtype)
+
+
+def ternary_init_A(d_in: int, r: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Ternarised Kaiming-normal A_T [d_in, r] (float32, values in {-1, 0, 1}).
+
+    Drawn by ``nn.init.kaiming_normal_`` on the [d_in, r] matrix (fan_in mode, so fan = r = size(1),
+    gain sqrt(2)). The scale is irrelevant: the threshold 0.75 * mean|A| is relative, so about
+    erf(0.75 / sqrt(pi)) ~ 45% of the entries become 0.
+    """
+    a = nn.init.kaiming_normal_(torch.empty(d_in, r), generator=generator)
+    return ternarize(a)
+
+
+def ternary_init_B(r: int, d_out: int) -> torch.Tensor:
+    """B_T = 0 [r, d_out]: the adapter starts as a no-op."""
+    return torch.zeros(r, d_out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed boundary masks (1 bit per weight, LSB first along the flattened [D_in, D_out] matrix)
+# ----------------------------------------------------------------------------------------------
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> uint8 words [ceil(numel / 8)], element k at bit k % 8 of word k // 8."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    shifts = torch.arange(8, dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: bool tensor of ``shape``."""
+    shape = tuple(shape)
+    n = math.prod(shape)
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.view(-1, 1) >> shifts) & 1
+    return bits.reshape(-1)[:n].view(shape).bool()
+
+
+def lookup_bits(packed: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+    """Bits of ``packed`` at flat element indices (bool, shape of ``flat_index``)."""
+    word = packed[flat_index >> 3].to(torch.int64)
+    return ((word >> (flat_index & 7)) & 1).bool()
+
+
+def boundary_masks(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed (can_up, can_down): a +1 marker is allowed where code < 2^N-1, a -1 where code > 0."""
+    return pack_bits(codes < max_code(bits)), pack_bits(codes > 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Markers and offset factor
+# ----------------------------------------------------------------------------------------------
+
+def markers(dW: torch.Tensor, omega: float, can_up: torch.Tensor | None = None,
+            can_down: torch.Tensor | None = None, return_blocked: bool = False):
+    """W_hat = sign(dW) * [|dW| > omega] as int8, with the boundary check.
+
+    ``can_up`` / ``can_down`` are either bool tensors shaped like ``dW`` or packed uint8 words from
+    :func:`boundary_masks` (None: no check on that side). With ``return_blocked`` also returns the
+    number of markers the boundary suppressed (an int).
+    """
+    w_hat = (dW > omega).to(torch.int8) - (dW < -omega).to(torch.int8)
+    blocked = 0
+    packed = [m is not None and m.dtype == torch.uint8 for m in (can_up, can_down)]
+    if any(packed):
+        # Sparse check: only elements whose |dW| crossed omega need their boundary bit.
+        flat = w_hat.view(-1)
+        idx = flat.nonzero().squeeze(1)
+        if idx.numel():
+            v = flat[idx]
+            stop = torch.zeros_like(v, dtype=torch.bool)
+            for m, is_packed, sgn in ((can_up, packed[0], 1), (can_down, packed[1], -1)):
+                if m is None:
+                    continue
+                ok = lookup_bits(m, idx) if is_packed else m.reshape(-1)[idx]
+                stop |= (v == sgn) & ~ok
+            if return_blocked:
+                blocked = int(stop.sum())
+            flat[idx[stop]] = 0
+    else:
+        for m, sgn in ((can_up, 1), (can_down, -1)):
+            if m is None:
+                continue
+            stop = (w_hat == sgn) & ~m
+            if return_blocked:
+                blocked += int(stop.sum())
+            w_hat.masked_fill_(stop, 0)
+    return (w_hat, blocked) if return_blocked else w_hat
+
+
+def _check_granularity(granularity: str) -> None:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"offset granularity must be one of {GRANULARITIES}, got {granularity!r}")
+
+
+def contiguous_group_size(g_idx: torch.Tensor, n_groups: int) -> int | None:
+    """gs when g_idx == arange(D_in) // gs with D_in == n_groups * gs (no act-order), else None."""
+    d_in = g_idx.numel()
+    if n_groups <= 0 or d_in % n_groups:
+        return None
+    gs = d_in // n_groups
+    ref = torch.arange(d_in, device=g_idx.device) // gs
+    return gs if torch.equal(g_idx.long(), ref) else None
+
+
+def _group_sum(t: torch.Tensor, g_idx: torch.Tensor, n_groups: int, gs: int | None) -> torch.Tensor:
+    """Sum of the rows of ``t`` [D_in, D_out] within each group -> [G, D_out]."""
+    if gs is not None:
+        return t.view(n_groups, gs, t.shape[1]).sum(dim=1)
+    return t.new_zeros(n_groups, t.shape[1]).index_add_(0, g_idx.long(), t)
+
+
+def _group_counts(g_idx: torch.Tensor, n_groups: int) -> torch.Tensor:
+    return torch.bincount(g_idx.long(), minlength=n_groups)[:n_groups]
+
+
+def offset_factor(dW: torch.Tensor, W_hat: torch.Tensor, omega: float, g_idx: torch.Tensor,
+                  granularity: str = "group", num_groups: int | None = None) -> torch.Tensor | None:
+    """mu = mean of R = dW - omega * W_hat, divided by omega.
+
+    group: over the rows of each group (g_idx, act-order allowed) -> [G, D_out];
+    channel: over all D_in rows -> [1, D_out]; tensor: over all elements -> [1, 1]; none: None.
+    ``num_groups`` defaults to max(g_idx) + 1; an empty group gets mu = 0.
+    """
+    _check_granularity(granularity)
+    if granularity == "none":
+        return None
+    dtype = dW.dtype if dW.is_floating_point() else torch.float32
+    R = dW.to(dtype) - omega * W_hat.to(dtype)
+    if granularity == "channel":
+        return R.mean(dim=0, keepdim=True) / omega
+    if granularity == "tensor":
+        return R.mean().view(1, 1) / omega
+    n_groups = int(g_idx.max()) + 1 if num_groups is None else num_groups
+    sums = _group_sum(R, g_idx, n_groups, contiguous_group_size(g_idx, n_groups))
+    counts = _group_counts(g_idx, n_groups).clamp(min=1).to(dtype)
+    return sums / counts[:, None] / omega
+
+
+def _mu_rows(mu: torch.Tensor | None, g_idx: torch.Tensor, granularity: str):
+    """mu broadcastable to [D_in, D_out] (0 when there is none)."""
+    if mu is None:
+        return 0.0
+    return mu[g_idx.long()] if granularity == "group" else mu
+
+
+def effective_weight(base: QuantLinear, A_T: torch.Tensor, B_T: torch.Tensor, omega: float,
+                     granularity: str = "group", dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Plain reference W_eff = s[g] * (W_int - z[g] + W_hat + mu[g]), input-major, in ``dtype``."""
+    codes = base.codes.to(dtype)
+    dW = A_T.detach().to(dtype) @ B_T.detach().to(dtype)
+    w_hat = markers(dW, omega, base.codes < max_code(base.bits), base.codes > 0).to(dtype)
+    mu = offset_factor(dW, w_hat, omega, base.g_idx, granularity, num_groups=base.scales.shape[0])
+    g = base.g_idx.long()
+    s, z = base.scales.to(dtype)[g], base.zeros.to(dtype)[g]
+    return s * (codes - z + w_hat + _mu_rows(mu, base.g_idx, granularity))
+
+
+# ----------------------------------------------------------------------------------------------
+# The layer
+# ----------------------------------------------------------------------------------------------
+
+def check_hparams(rank: int, omega: float, granularity: str = "group") -> None:
+    """Raise ValueError unless rank >= 1, 0 < omega < rank and the granularity is known."""
+    if int(rank) != rank or rank < 1:
+        raise ValueError(f"TA rank must be an integer >= 1, got {rank}")
+    if not 0 < omega < rank:
+        raise ValueError(f"omega must lie in (0, rank) = (0, {rank}), got {omega}")
+    _check_granularity(granularity)
+
+
+class _TernaryLinearFn(torch.autograd.Function):
+    """y = x @ W_eff + bias. Saves only x, A_T, B_T; W_eff is rebuilt in backward if grad_x is needed."""
+
+    @staticmethod
+    def forward(ctx, x, A_T, B_T, layer):
+        ctx.layer = layer
+        ctx.save_for_backward(x, A_T, B_T)
+        w = layer._effective(A_T, B_T)[0].to(x.dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        bias = layer.base.bias
+        y = x2 @ w if bias is None else torch.addmm(bias.to(x.dtype), x2, w)
+        return y.view(*x.shape[:-1], w.shape[1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, A_T, B_T = ctx.saved_tensors
+        layer = ctx.layer
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        grad_x = grad_a = grad_b = None
+        if need_x:
+            w = layer._effective(A_T, B_T)[0].to(dy.dtype)
+            grad_x = (dy2 @ w.t()).view(x.shape)
+        if need_a or need_b:
+            x2 = x.reshape(-1, x.shape[-1])
+            g = (x2.t() @ dy2.to(x.dtype)).float()  # G = x^T dy  [D_in, D_out]
+            gd = layer._grad_dW(g)  # in place on g
+            if need_a:
+                grad_a = (gd @ B_T.float().t()).to(A_T.dtype)
+            if need_b:
+                grad_b = (A_T.float().t() @ gd).to(B_T.dtype)
+        return grad_x, grad_a, grad_b, None
+
+
+class TernaryLinear(nn.Module):
+    """A QuantLinear ``base`` (frozen) plus ternary adapters A_T [D_in, r], B_T [r, D_out].
+
+    The boundary masks are computed once from the codes and kept packed (1 bit per weight, two
+    non-persistent buffers); call :meth:`refresh_boundary` if the base codes are replaced.
+    """
+
+    def __init__(self, base: QuantLinear, rank: int, omega: float, offset_granularity: str = "group",
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        check_hparams(rank, omega, offset_granularity)
+        self.base = base
+        base.requires_grad_(False)
+        self.rank, self.omega, self.offset_granularity = int(rank), float(omega), offset_granularity
+        dtype = base.scales.dtype if base.scales.is_floating_point() else torch.float32
+        dev = base.codes.device
+        d_in, d_out = base.codes.shape
+        self.A_T = nn.Parameter(ternary_init_A(d_in, self.rank, generator).to(dev, dtype))
+        self.B_T = nn.Parameter(ternary_init_B(self.rank, d_out).to(dev, dtype))
+        self.register_buffer("can_up_bits", torch.empty(0, dtype=torch.uint8, device=dev), persistent=False)
+        self.register_buffer("can_down_bits", torch.empty(0, dtype=torch.uint8, device=dev), persistent=False)
+        self.register_buffer("group_counts", torch.empty(0, dtype=torch.int64, device=dev), persistent=False)
+        self.refresh_boundary()
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def refresh_boundary(self) -> None:
+        """Recompute the packed boundary masks and the group layout from the base codes."""
+        self.can_up_bits, self.can_down_bits = boundary_masks(self.base.codes, self.base.bits)
+        self._n_groups = self.base.scales.shape[0]
+        self._gs = contiguous_group_size(self.base.g_idx, self._n_groups)
+        self.group_counts = _group_counts(self.base.g_idx, self._n_groups).clamp(min=1)
+
+    # -- math shared by forward, backward and the logging helpers ------------------------------
+
+    def _markers_mu(self, A_T, B_T, return_blocked=False):
+        dW = A_T.detach().float() @ B_T.detach().float()  # integers in [-r, r]: exact in fp32
+        w_hat, blocked = markers(dW, self.omega, self.can_up_bits, self.can_down_bits, return_blocked=True)
+        mu = None
+        gran = self.offset_granularity
+        if gran != "none":
+            R = dW.sub_(w_hat, alpha=self.omega) if w_hat.any() else dW  # R = dW - omega * W_hat
+            if gran == "channel":
+                mu = R.mean(dim=0, keepdim=True) / self.omega
+            elif gran == "tensor":
+                mu = R.mean().view(1, 1) / self.omega
+            else:
+                mu = _group_sum(R, self.base.g_idx, self._n_groups, self._gs)
+                mu /= self.group_counts.to(mu.dtype)[:, None] * self.omega
+        return (w_hat, mu, blocked) if return_blocked else (w_hat, mu)
+
+    def _effective(self, A_T, B_T):
+        """(W_eff fp32 [D_in, D_out], W_hat, mu) from the current adapters."""
+        base = self.base
+        w_hat, mu = self._markers_mu(A_T, B_T)
+        off = base.zeros.float() if mu is None else base.zeros.float() - mu  # z - mu, [G, D_out]
+        s = base.scales.float()
+        w = base.codes.to(torch.float32)
+        w += w_hat
+        if self._gs is not None:
+            wv = w.view(self._n_groups, self._gs, w.shape[1])
+            wv -= off[:, None]
+            wv *= s[:, None]
+        else:
+            g = base.g_idx.long()
+            w -= off[g]
+            w *= s[g]
+        return w, w_hat, mu
+
+    def _grad_dW(self, g: torch.Tensor) -> torch.Tensor:
+        """dL/d dW from G = x^T dy (fp32, overwritten): H + (sum of H over the mean's set) / (omega * n),
+        H = s[g] * G. For the group mean s is constant in the set: s * (G + sum G / (omega * n_g))."""
+        base, gran = self.base, self.offset_granularity
+        s = base.scales.float()
+        if self._gs is not None:
+            gv = g.view(self._n_groups, self._gs, g.shape[1])
+            gv *= s[:, None]
+            if gran == "group":
+                gv += (gv.sum(dim=1) / (self._gs))[:, None]
+        else:
+            idx = base.g_idx.long()
+            g *= s[idx]
+            if gran == "group":
+                sums = g.new_zeros(self._n_groups, g.shape[1]).index_add_(0, idx, g)
+                g += (sums / (self.group_counts.to(g.dtype)[:, None] * self.omega))[idx]
+        if gran == "channel":
+            g += g.sum(dim=0, keepdim=True) / (self.omega * g.shape[0])
+        elif gran == "tensor":
+            g += g.sum() / (self.omega * g.numel())
+        return g
+
+    # -- public ----------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _TernaryLinearFn.apply(x, self.A_T, self.B_T, self)
+
+    @torch.no_grad()
+    def markers_and_offset(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Current (W_hat int8 [D_in, D_out], mu fp32 or None) for the merge."""
+        return self._markers_mu(self.A_T, self.B_T)
+
+    @torch.no_grad()
+    def marker_stats(self) -> dict[str, int]:
+        """Counts of +1 / -1 / 0 markers, markers the boundary blocked, and codes at 0 or 2^N-1."""
+        w_hat, _, blocked = self._markers_mu(self.A_T, self.B_T, return_blocked=True)
+        plus, minus = int((w_hat > 0).sum()), int((w_hat < 0).sum())
+        codes = self.base.codes
+        edge = int((codes == 0).sum()) + int((codes == max_code(self.base.bits)).sum())
+        return {"plus": plus, "minus": minus, "zero": w_hat.numel() - plus - minus,
+                "blocked": blocked, "boundary_codes": edge, "total": w_hat.numel()}
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, omega={self.omega}, offset_granularity={self.offset_granularity!r}"
+
+
+def attach_ternary_adapters(model: nn.Module, rank: int, omega: float, offset_granularity: str = "group",
+                            target_modules: Iterable[str] = DEFAULT_TARGETS,
+                            generator: torch.Generator | None = None) -> list[str]:
+    """Replace every QuantLinear whose name ends with one of ``target_modules`` (whole dotted
+    component) by a TernaryLinear. Returns the replaced names (in module order). Other parameters
+    of the model are left as they are."""
+    check_hparams(rank, omega, offset_granularity)
+    targets = tuple(target_modules)
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, QuantLinear) and any(n == t or n.endswith("." + t) for t in targets)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        setattr(parent, child, TernaryLinear(base, rank, omega, offset_granularity, generator=generator))
+    return names

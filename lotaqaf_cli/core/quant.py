@@ -12,8 +12,6 @@ No I/O here: pure tensor functions.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -151,26 +149,15 @@ def _to_int32(words: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def _ones_words(bits: int, n_words: int) -> torch.Tensor:
-    """The packed words of a row of codes that are all 1 (the v1 zero-point offset)."""
-    period = math.lcm(32, bits)  # stream bits until the pattern repeats on a word boundary
-    per, n_codes_period = period // 32, period // bits
-    pattern = pack_rows(torch.ones((n_codes_period, 1), dtype=torch.int64), bits)[:, 0].to(torch.int64)
-    reps = -(-n_words // per)
-    return (pattern.repeat(reps)[:n_words]) & 0xFFFFFFFF
-
-
 def pack_zeros_v1(zeros: torch.Tensor, bits: int) -> torch.Tensor:
-    """GPTQ "v1" qzeros: the packed words of z minus the packed words of all-ones, mod 2^32.
+    """GPTQ "v1" qzeros [G, D_out * bits / 32]: each zero point is stored as (z - 1) mod 2^bits.
 
-    For every z >= 1 this equals packing z - 1 element by element; the word-wise form is exactly
-    invertible by :func:`unpack_zeros_v1` even where z == 0.
+    The modular form makes z == 0 representable (stored as 2^bits - 1) and keeps the mapping a
+    bijection; :func:`unpack_zeros_v1` adds the 1 back, also mod 2^bits.
     """
-    words = pack_cols(zeros.round().to(torch.int64), bits).to(torch.int64) & 0xFFFFFFFF
-    ones = _ones_words(bits, words.shape[1]).view(1, -1)
-    return _to_int32(words - ones)
+    stored = (zeros.round().to(torch.int64) - 1) % (1 << bits)
+    return pack_cols(stored, bits)
 
 
 def unpack_zeros_v1(qzeros: torch.Tensor, bits: int, n_cols: int) -> torch.Tensor:
-    words = (qzeros.to(torch.int64) & 0xFFFFFFFF) + _ones_words(bits, qzeros.shape[1]).view(1, -1)
-    return unpack_cols(_to_int32(words), bits, n_cols)
+    return ((unpack_cols(qzeros, bits, n_cols).to(torch.int64) + 1) % (1 << bits)).to(torch.uint8)

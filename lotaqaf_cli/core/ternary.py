@@ -92,41 +92,47 @@ def boundary_masks(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
 # Markers and offset factor
 # ----------------------------------------------------------------------------------------------
 
+def _mask_at(mask: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+    """A boundary mask (bool like dW, or packed uint8 words) at flat element indices."""
+    return lookup_bits(mask, flat_index) if mask.dtype == torch.uint8 else mask.reshape(-1)[flat_index]
+
+
+def marker_entries(dW: torch.Tensor, omega: float, can_up: torch.Tensor | None = None,
+                   can_down: torch.Tensor | None = None):
+    """Sparse markers: (flat indices int64, values int8 +-1) of the non-zero W_hat entries after the
+    boundary check, and the number of markers the boundary suppressed (0-d tensor).
+
+    Only the elements whose |dW| crossed omega look up their boundary bit, so the packed masks are
+    never unpacked. (On CUDA the ``nonzero`` is a host sync.)
+    """
+    flat = dW.reshape(-1)
+    lo, hi = torch.aminmax(flat) if flat.numel() else (flat.new_zeros(()), flat.new_zeros(()))
+    if -omega <= float(lo) and float(hi) <= omega:  # nothing crossed (the usual case at omega ~ 0.75 r)
+        empty = torch.zeros(0, dtype=torch.int64, device=dW.device)
+        return empty, empty.to(torch.int8), torch.zeros((), dtype=torch.int64, device=dW.device)
+    idx = (flat.abs() > omega).nonzero().squeeze(1)
+    up = flat[idx] > 0
+    ok = torch.ones_like(up)
+    if can_up is not None:
+        ok = torch.where(up, _mask_at(can_up, idx), ok)
+    if can_down is not None:
+        ok = torch.where(up, ok, _mask_at(can_down, idx))
+    blocked = (~ok).sum()
+    return idx[ok], up[ok].to(torch.int8) * 2 - 1, blocked
+
+
 def markers(dW: torch.Tensor, omega: float, can_up: torch.Tensor | None = None,
             can_down: torch.Tensor | None = None, return_blocked: bool = False):
-    """W_hat = sign(dW) * [|dW| > omega] as int8, with the boundary check.
+    """W_hat = sign(dW) * [|dW| > omega] as int8 [D_in, D_out], with the boundary check.
 
     ``can_up`` / ``can_down`` are either bool tensors shaped like ``dW`` or packed uint8 words from
     :func:`boundary_masks` (None: no check on that side). With ``return_blocked`` also returns the
     number of markers the boundary suppressed (an int).
     """
-    w_hat = (dW > omega).to(torch.int8) - (dW < -omega).to(torch.int8)
-    blocked = 0
-    packed = [m is not None and m.dtype == torch.uint8 for m in (can_up, can_down)]
-    if any(packed):
-        # Sparse check: only elements whose |dW| crossed omega need their boundary bit.
-        flat = w_hat.view(-1)
-        idx = flat.nonzero().squeeze(1)
-        if idx.numel():
-            v = flat[idx]
-            stop = torch.zeros_like(v, dtype=torch.bool)
-            for m, is_packed, sgn in ((can_up, packed[0], 1), (can_down, packed[1], -1)):
-                if m is None:
-                    continue
-                ok = lookup_bits(m, idx) if is_packed else m.reshape(-1)[idx]
-                stop |= (v == sgn) & ~ok
-            if return_blocked:
-                blocked = int(stop.sum())
-            flat[idx[stop]] = 0
-    else:
-        for m, sgn in ((can_up, 1), (can_down, -1)):
-            if m is None:
-                continue
-            stop = (w_hat == sgn) & ~m
-            if return_blocked:
-                blocked += int(stop.sum())
-            w_hat.masked_fill_(stop, 0)
-    return (w_hat, blocked) if return_blocked else w_hat
+    idx, val, blocked = marker_entries(dW, omega, can_up, can_down)
+    w_hat = torch.zeros(dW.shape, dtype=torch.int8, device=dW.device)
+    w_hat.view(-1)[idx] = val
+    return (w_hat, int(blocked)) if return_blocked else w_hat
 
 
 def _check_granularity(granularity: str) -> None:
@@ -217,7 +223,7 @@ class _TernaryLinearFn(torch.autograd.Function):
     def forward(ctx, x, A_T, B_T, layer):
         ctx.layer = layer
         ctx.save_for_backward(x, A_T, B_T)
-        w = layer._effective(A_T, B_T)[0].to(x.dtype)
+        w = layer._effective(A_T, B_T).to(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         bias = layer.base.bias
         y = x2 @ w if bias is None else torch.addmm(bias.to(x.dtype), x2, w)
@@ -231,7 +237,7 @@ class _TernaryLinearFn(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         grad_x = grad_a = grad_b = None
         if need_x:
-            w = layer._effective(A_T, B_T)[0].to(dy.dtype)
+            w = layer._effective(A_T, B_T).to(dy.dtype)
             grad_x = (dy2 @ w.t()).view(x.shape)
         if need_a or need_b:
             x2 = x.reshape(-1, x.shape[-1])
@@ -248,7 +254,8 @@ class TernaryLinear(nn.Module):
     """A QuantLinear ``base`` (frozen) plus ternary adapters A_T [D_in, r], B_T [r, D_out].
 
     The boundary masks are computed once from the codes and kept packed (1 bit per weight, two
-    non-persistent buffers); call :meth:`refresh_boundary` if the base codes are replaced.
+    non-persistent buffers); :meth:`refresh_boundary` recomputes them (done automatically by
+    load_state_dict; call it by hand if the base codes are changed in place).
     """
 
     def __init__(self, base: QuantLinear, rank: int, omega: float, offset_granularity: str = "group",
@@ -267,6 +274,8 @@ class TernaryLinear(nn.Module):
         self.register_buffer("can_down_bits", torch.empty(0, dtype=torch.uint8, device=dev), persistent=False)
         self.register_buffer("group_counts", torch.empty(0, dtype=torch.int64, device=dev), persistent=False)
         self.refresh_boundary()
+        # Loading new codes (e.g. a checkpoint) into the base refreshes the derived masks.
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_boundary())
 
     @property
     def in_features(self) -> int:
@@ -285,39 +294,44 @@ class TernaryLinear(nn.Module):
 
     # -- math shared by forward, backward and the logging helpers ------------------------------
 
-    def _markers_mu(self, A_T, B_T, return_blocked=False):
+    def _markers_mu(self, A_T, B_T):
+        """Sparse markers (idx, val), mu (fp32 or None) and the blocked count (0-d tensor)."""
         dW = A_T.detach().float() @ B_T.detach().float()  # integers in [-r, r]: exact in fp32
-        w_hat, blocked = markers(dW, self.omega, self.can_up_bits, self.can_down_bits, return_blocked=True)
+        idx, val, blocked = marker_entries(dW, self.omega, self.can_up_bits, self.can_down_bits)
         mu = None
         gran = self.offset_granularity
         if gran != "none":
-            R = dW.sub_(w_hat, alpha=self.omega) if w_hat.any() else dW  # R = dW - omega * W_hat
+            if idx.numel():  # R = dW - omega * W_hat, in place
+                dW.view(-1).index_add_(0, idx, val.to(dW.dtype), alpha=-self.omega)
             if gran == "channel":
-                mu = R.mean(dim=0, keepdim=True) / self.omega
+                mu = dW.mean(dim=0, keepdim=True) / self.omega
             elif gran == "tensor":
-                mu = R.mean().view(1, 1) / self.omega
+                mu = dW.mean().view(1, 1) / self.omega
             else:
-                mu = _group_sum(R, self.base.g_idx, self._n_groups, self._gs)
+                mu = _group_sum(dW, self.base.g_idx, self._n_groups, self._gs)
                 mu /= self.group_counts.to(mu.dtype)[:, None] * self.omega
-        return (w_hat, mu, blocked) if return_blocked else (w_hat, mu)
+        return idx, val, mu, blocked
 
-    def _effective(self, A_T, B_T):
-        """(W_eff fp32 [D_in, D_out], W_hat, mu) from the current adapters."""
+    def _effective(self, A_T, B_T) -> torch.Tensor:
+        """W_eff fp32 [D_in, D_out] = s[g] * (W_int - (z - mu)[g]) + s[g] * W_hat."""
         base = self.base
-        w_hat, mu = self._markers_mu(A_T, B_T)
+        idx, val, mu, _ = self._markers_mu(A_T, B_T)
         off = base.zeros.float() if mu is None else base.zeros.float() - mu  # z - mu, [G, D_out]
         s = base.scales.float()
         w = base.codes.to(torch.float32)
-        w += w_hat
+        g = base.g_idx.long()
         if self._gs is not None:
             wv = w.view(self._n_groups, self._gs, w.shape[1])
             wv -= off[:, None]
             wv *= s[:, None]
         else:
-            g = base.g_idx.long()
             w -= off[g]
             w *= s[g]
-        return w, w_hat, mu
+        if idx.numel():
+            d_out = w.shape[1]
+            s_at = s[g[idx // d_out], idx % d_out]
+            w.view(-1).index_add_(0, idx, s_at * val)
+        return w
 
     def _grad_dW(self, g: torch.Tensor) -> torch.Tensor:
         """dL/d dW from G = x^T dy (fp32, overwritten): H + (sum of H over the mean's set) / (omega * n),
@@ -328,7 +342,7 @@ class TernaryLinear(nn.Module):
             gv = g.view(self._n_groups, self._gs, g.shape[1])
             gv *= s[:, None]
             if gran == "group":
-                gv += (gv.sum(dim=1) / (self._gs))[:, None]
+                gv += (gv.sum(dim=1) / (self.omega * self._gs))[:, None]
         else:
             idx = base.g_idx.long()
             g *= s[idx]
@@ -349,17 +363,22 @@ class TernaryLinear(nn.Module):
     @torch.no_grad()
     def markers_and_offset(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Current (W_hat int8 [D_in, D_out], mu fp32 or None) for the merge."""
-        return self._markers_mu(self.A_T, self.B_T)
+        idx, val, mu, _ = self._markers_mu(self.A_T, self.B_T)
+        w_hat = torch.zeros(self.base.codes.shape, dtype=torch.int8, device=idx.device)
+        w_hat.view(-1)[idx] = val
+        return w_hat, mu
 
     @torch.no_grad()
     def marker_stats(self) -> dict[str, int]:
         """Counts of +1 / -1 / 0 markers, markers the boundary blocked, and codes at 0 or 2^N-1."""
-        w_hat, _, blocked = self._markers_mu(self.A_T, self.B_T, return_blocked=True)
-        plus, minus = int((w_hat > 0).sum()), int((w_hat < 0).sum())
+        idx, val, _, blocked = self._markers_mu(self.A_T, self.B_T)
+        plus = int((val > 0).sum())
+        minus = idx.numel() - plus
         codes = self.base.codes
+        total = codes.numel()
         edge = int((codes == 0).sum()) + int((codes == max_code(self.base.bits)).sum())
-        return {"plus": plus, "minus": minus, "zero": w_hat.numel() - plus - minus,
-                "blocked": blocked, "boundary_codes": edge, "total": w_hat.numel()}
+        return {"plus": plus, "minus": minus, "zero": total - plus - minus,
+                "blocked": int(blocked), "boundary_codes": edge, "total": total}
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, omega={self.omega}, offset_granularity={self.offset_granularity!r}"

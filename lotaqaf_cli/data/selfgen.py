@@ -63,7 +63,7 @@ def _encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
 
 @torch.no_grad()
 def sample_answers(model, tokenizer, role: str, n_prompts: int, max_new_tokens: int, seed: int,
-                   batch_size: int = 16, progress=None) -> list[tuple[list[int], list[int]]]:
+                   batch_size: int = 32, progress=None) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, answer ids) pairs: the model's own sampled answers to ``role`` prompts.
 
     Without a tokenizer (the smoke model) prompts are random token ids drawn with ``seed``.

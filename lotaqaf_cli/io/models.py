@@ -39,6 +39,20 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """False when HF_HUB_OFFLINE is set or the hub's host cannot be reached quickly."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    import socket
+
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def embedded_model_path(name: str) -> Path:
     dist_name, rel = EMBEDDED[name]
     try:
@@ -132,10 +146,11 @@ def load_model(path: str, dtype: str = "float32") -> LoadedModel:
             if f.suffix in (".safetensors", ".bin", ".json") and f.is_file():
                 h.update(f.name.encode() + file_sha256(f).encode())
         return LoadedModel(model.eval(), tok, path, kind, "sha256:" + h.hexdigest())
-    # hub id
+    # hub id: without a network, look only in the local cache (instead of retrying for ~20 s)
+    local_only = not hub_reachable()
     try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=local_only)
     except OSError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise LotaqafError(f"cannot fetch '{path}' from the Hugging Face hub (offline or no access: {first[:160]}); "

@@ -19,8 +19,8 @@ def run_ppl(ctx: Context) -> dict:
     cfg = ctx.cfg
     src = load_source(ctx)
     windows, digest = text_windows(ctx, "heldout", cfg.ppl)
-    models = {"16-bit": src.model}
-    if ctx.quantized is not None and ctx.quantized is not src.model:
+    models = {} if src.quantized else {"16-bit": src.model}
+    if ctx.quantized is not None:
         models[f"GPTQ INT{cfg.quant.bits} g{cfg.quant.group_size}"] = ctx.quantized
     results = {}
     for label, model in models.items():

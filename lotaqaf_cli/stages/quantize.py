@@ -7,6 +7,7 @@ Writes: runs/_cache/quantized/<key>/ (the checkpoint) and <run>/quantize.json (w
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from collections import defaultdict
 
@@ -50,9 +51,16 @@ def run(ctx: Context) -> None:
     key = cache_key(QUANT_VERSION, src.source_hash, calib_hash, settings)
     out_dir = ctx.run.cache_path("quantized", key)
 
+    cached = None
     if (out_dir / "quantize_config.json").is_file():
-        with ui.status("loading the cached quantized base ..."):
-            model, _tok, info = load_quantized(out_dir)
+        try:
+            with ui.status("loading the cached quantized base ..."):
+                cached = load_quantized(out_dir)
+        except LotaqafError as e:
+            ui.say(f"[yellow]cached quantized base is unusable ({e}); quantizing again[/yellow]")
+            shutil.rmtree(out_dir, ignore_errors=True)
+    if cached is not None:
+        model, _tok, info = cached
         ui.say(f"reusing the cached quantized base {out_dir} (same source, settings and calibration)")
         model.to(pick_device(cfg))
         ctx.quantized, ctx.quantized_dir, ctx.quantized_hash = model, str(out_dir), info["content_hash"]

@@ -1,0 +1,124 @@
+"""The command line: composition, and every user error is one line with exit code 2, nothing written."""
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from lotaqaf_cli.cli import main
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run_err(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def assert_user_error(capsys, tmp_path, argv, needle):
+    code, err = run_err(capsys, *argv)
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("lotaqaf: error:"), err
+    assert needle in err, err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("config.yaml"))
+
+
+def test_cfg_prints_resolved_config(capsys):
+    assert main(["train", "recipe=llama3_mmlu", "quant.bits=3", "--cfg"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"]["path"] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert cfg["quant"] == {**cfg["quant"], "bits": 3, "group_size": 64}
+    assert cfg["adapter"]["rank"] == 64 and cfg["adapter"]["omega"] == 48 and cfg["optim"]["steps"] == 300
+
+
+@pytest.mark.parametrize("recipe,group,rank,omega", [("qwen25_32b_mmlu", 128, 32, 24),
+                                                     ("llama33_70b_mmlu", 128, 32, 24),
+                                                     ("smollm2_mmlu", 64, 64, 48)])
+def test_recipes_compose(capsys, recipe, group, rank, omega):
+    assert main(["train", f"recipe={recipe}", "--cfg"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["name"] == recipe and cfg["quant"]["group_size"] == group
+    assert (cfg["adapter"]["rank"], cfg["adapter"]["omega"]) == (rank, omega)
+
+
+def test_recipes_listing(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("smollm2_mmlu", "llama3_mmlu", "qwen25_14b_mmlu", "qwen25_32b_mmlu", "llama33_70b_mmlu",
+                 "llama3_gsm8k", "smoke"):
+        assert name in out
+
+
+def test_unknown_recipe(capsys, in_tmp):
+    assert_user_error(capsys, in_tmp, ["train", "recipe=nope"], "valid: llama33_70b_mmlu")
+
+
+def test_unknown_key_names_nearest(capsys, in_tmp):
+    assert_user_error(capsys, in_tmp, ["train", "quant.bitz=3"], "nearest valid keys: quant.bits")
+
+
+def test_bad_bits(capsys, in_tmp):
+    assert_user_error(capsys, in_tmp, ["quantize", "recipe=smoke", "quant.bits=5"], "quant.bits must be one of")
+
+
+def test_group_size_not_dividing_names_layer(capsys, in_tmp):
+    assert_user_error(capsys, in_tmp, ["quantize", "recipe=smoke", "quant.group_size=48"],
+                      "model.layers.0.self_attn.q_proj")
+
+
+def test_missing_model_path(capsys, in_tmp):
+    assert_user_error(capsys, in_tmp, ["quantize", "recipe=smoke", "model.path=./no/such/model"],
+                      "model path does not exist")
+
+
+def test_hub_id_offline(capsys, in_tmp, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert_user_error(capsys, in_tmp, ["quantize", "recipe=llama3_mmlu"], "recipe=smollm2_mmlu")
+
+
+def test_stage_not_implemented(capsys, in_tmp):
+    assert_user_error(capsys, in_tmp, ["export", "recipe=smoke"], "not implemented yet")
+
+
+def test_smoke_chain_and_reuse(capsys, in_tmp):
+    """quantize -> ppl on the smoke recipe; a second run reuses the cached base; a different
+    config pointed at the same directory is refused."""
+    assert main(["train", "recipe=smoke", "run.dir=runs/a"]) == 0
+    q = json.loads((in_tmp / "runs/a/quantize.json").read_text())
+    assert q["cached"] is False and q["settings"]["bits"] == 4
+    for kind, v in q["error_by_kind"].items():
+        assert v["gptq_worse_than_rtn"] == 0, kind
+    ppl = json.loads((in_tmp / "runs/a/ppl.json").read_text())["results"]
+    assert set(ppl) == {"16-bit", "GPTQ INT4 g32"} and all(r["ppl"] > 1 for r in ppl.values())
+    capsys.readouterr()
+
+    assert main(["quantize", "recipe=smoke", "run.dir=runs/b"]) == 0
+    assert json.loads((in_tmp / "runs/b/quantize.json").read_text())["cached"] is True
+
+    assert_user_error(capsys, in_tmp / "nowhere", ["quantize", "recipe=smoke", "run.dir=runs/a",
+                                                  "quant.bits=3"], "already holds a different run")
+
+    # a corrupted GPTQ checkpoint given as the model: a clear error, not a traceback
+    ckpt = shutil.copytree(q["checkpoint"], in_tmp / "user_ckpt")
+    f = ckpt / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    assert_user_error(capsys, in_tmp / "nowhere", ["quantize", "recipe=smoke", f"model.path={ckpt}"], "corrupted")
+
+    # a corrupted cache entry is detected and rebuilt
+    f = in_tmp / q["checkpoint"] / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    assert main(["quantize", "recipe=smoke", "run.dir=runs/c"]) == 0
+    assert json.loads((in_tmp / "runs/c/quantize.json").read_text())["cached"] is False
+
+
+def test_existing_gptq_checkpoint_skips_quantization(capsys, in_tmp):
+    assert main(["quantize", "recipe=smoke", "run.dir=runs/a"]) == 0
+    q = json.loads((in_tmp / "runs/a/quantize.json").read_text())
+    assert main(["train", "recipe=smoke", f"model.path={in_tmp / q['checkpoint']}", "run.dir=runs/b"]) == 0
+    assert json.loads((in_tmp / "runs/b/quantize.json").read_text())["skipped"] is True

@@ -1,0 +1,75 @@
+"""GPTQ against independent references: the Hessian formula, the diagonal-Hessian case, RTN."""
+
+import copy
+
+import pytest
+import torch
+
+from lotaqaf_cli.core.gptq import HessianAccumulator, gptq_quantize, output_error
+from lotaqaf_cli.core.qlinear import QuantLinear
+from lotaqaf_cli.core.quant import dequantize, rtn_quantize
+from lotaqaf_cli.core.quantize_model import check_group_size, quantize_model
+
+
+def test_hessian_is_two_over_n_xtx():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 50, 16, generator=g)
+    acc = HessianAccumulator(16)
+    for b in x:
+        acc.add_batch(b)
+    flat = x.reshape(-1, 16).double()
+    ref = 2.0 / flat.shape[0] * flat.T @ flat
+    assert torch.allclose(acc.H.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_diagonal_hessian_reduces_to_rtn(bits):
+    """With H = c*I no error is propagated, so GPTQ must give exactly the RTN codes."""
+    g = torch.Generator().manual_seed(bits)
+    W = torch.randn(24, 64, generator=g)
+    res = gptq_quantize(W, 3.0 * torch.eye(64), bits, 32, static_groups=True)
+    codes, scales, zeros, g_idx = rtn_quantize(W.t(), bits, 32)
+    assert torch.equal(res.codes, codes) and torch.equal(res.scales, scales) and torch.equal(res.zeros, zeros)
+
+
+def test_output_error_matches_direct_computation():
+    g = torch.Generator().manual_seed(1)
+    W, X = torch.randn(8, 32, generator=g), torch.randn(100, 32, generator=g)
+    Wq = W + 0.1 * torch.randn(8, 32, generator=g)
+    H = 2.0 / 100 * X.T @ X
+    direct = ((X @ (W - Wq).T) ** 2).sum() / ((X @ W.T) ** 2).sum()
+    assert abs(output_error(W, Wq, H) - direct.item()) < 1e-5
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_act_order_g_idx_groups(act_order):
+    g = torch.Generator().manual_seed(2)
+    W, X = torch.randn(16, 64, generator=g), torch.randn(200, 64, generator=g) * torch.linspace(0.1, 3, 64)
+    res = gptq_quantize(W, 2 / 200 * X.T @ X, 4, 16, act_order=act_order)
+    assert torch.bincount(res.g_idx.long()).tolist() == [16, 16, 16, 16]
+    if act_order:  # columns with the largest Hessian diagonal come first -> group 0
+        assert set(res.g_idx[-16:].tolist()) == {0}
+    q = QuantLinear.from_quantized(res.codes, res.scales, res.zeros, res.g_idx, 4, 16)
+    assert torch.allclose(q.dequantize(), dequantize(res.codes, res.scales, res.zeros, res.g_idx))
+
+
+@pytest.mark.parametrize("bits,act_order,true_seq", [(2, False, False), (3, False, True), (4, True, False),
+                                                     (4, False, False), (8, False, False)])
+def test_gptq_never_worse_than_rtn_on_tiny_model(smoke, calib_ids, bits, act_order, true_seq):
+    ref = copy.deepcopy(smoke)
+    stats = quantize_model(smoke, list(calib_ids.split(4)), bits=bits, group_size=32, act_order=act_order,
+                           true_sequential=true_seq)
+    assert len(stats) == 2 * 7
+    for s in stats:
+        assert s.gptq_error <= s.rtn_error + 1e-9, s
+    assert all(isinstance(m, QuantLinear) for n, m in smoke.named_modules() if n.endswith("proj"))
+    with torch.no_grad():  # the quantized model still computes something close to the original
+        a, b = smoke(calib_ids).logits, ref(calib_ids).logits
+    rel = ((a - b).norm() / b.norm()).item()
+    assert rel < {2: 1.0, 3: 0.5, 4: 0.25, 8: 0.02}[bits]
+
+
+def test_group_size_check_names_layer(smoke):
+    assert check_group_size(smoke, 32) is None
+    bad = check_group_size(smoke, 48)
+    assert bad.startswith("model.layers.0.") and "64" in bad

@@ -12,6 +12,8 @@ No I/O here: pure tensor functions.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -91,9 +93,6 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g
 # 3 bits it is GPTQ's 32-codes-in-3-words layout (codes 10 and 21 straddle two words).
 # ----------------------------------------------------------------------------------------------
 
-_COLUMN_CHUNK = 8192  # bounds the temporary bit tensor for very wide matrices
-
-
 def _packable(n: int, bits: int) -> None:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
@@ -101,37 +100,42 @@ def _packable(n: int, bits: int) -> None:
         raise ValueError(f"cannot pack {n} codes of {bits} bits into whole int32 words")
 
 
+def _period(bits: int) -> tuple[int, int]:
+    """(codes, words) after which the layout repeats: (32/bits, 1) for 2/4/8 bits, (32, 3) for 3."""
+    lcm = math.lcm(32, bits)
+    return lcm // bits, lcm // 32
+
+
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes [n, m] along dim 0 into int32 words [n * bits / 32, m]."""
     n, m = codes.shape
     _packable(n, bits)
-    shifts_bits = torch.arange(bits, dtype=torch.int64)
-    shifts_word = torch.arange(32, dtype=torch.int64).view(1, 32, 1)
-    out = torch.empty((n * bits // 32, m), dtype=torch.int32)
-    for c0 in range(0, m, _COLUMN_CHUNK):
-        c = codes[:, c0:c0 + _COLUMN_CHUNK].to(torch.int64)
-        stream = (c.unsqueeze(1) >> shifts_bits.view(1, bits, 1)) & 1  # [n, bits, mc]
-        stream = stream.reshape(n * bits // 32, 32, -1)
-        words = (stream << shifts_word).sum(dim=1)  # disjoint bits: sum == or; < 2^32
-        out[:, c0:c0 + _COLUMN_CHUNK] = _to_int32(words)
-    return out
+    pc, pw = _period(bits)
+    c = codes.to(torch.int64).reshape(n // pc, pc, m)
+    words = torch.zeros(n // pc, pw, m, dtype=torch.int64)
+    for k in range(pc):
+        for w in range(pw):
+            s = bits * k - 32 * w  # bit position of code k relative to word w
+            if -bits < s < 32:
+                words[:, w] |= (c[:, k] << s) if s >= 0 else (c[:, k] >> -s)
+    return _to_int32(words.reshape(n * bits // 32, m))
 
 
 def unpack_rows(words: torch.Tensor, bits: int, n: int | None = None) -> torch.Tensor:
-    """Inverse of :func:`pack_rows`: int32 words [n * bits / 32, m] -> uint8/int codes [n, m]."""
+    """Inverse of :func:`pack_rows`: int32 words [n * bits / 32, m] -> uint8 codes [n, m]."""
     nw, m = words.shape
     n = nw * 32 // bits if n is None else n
     _packable(n, bits)
-    shifts_word = torch.arange(32, dtype=torch.int64).view(1, 32, 1)
-    shifts_bits = torch.arange(bits, dtype=torch.int64).view(1, bits, 1)
-    dtype = torch.uint8 if bits <= 8 else torch.int32
-    out = torch.empty((n, m), dtype=dtype)
-    for c0 in range(0, m, _COLUMN_CHUNK):
-        w = words[:, c0:c0 + _COLUMN_CHUNK].to(torch.int64) & 0xFFFFFFFF
-        stream = (w.unsqueeze(1) >> shifts_word) & 1  # [nw, 32, mc]
-        stream = stream.reshape(n, bits, -1)
-        out[:, c0:c0 + _COLUMN_CHUNK] = (stream << shifts_bits).sum(dim=1).to(dtype)
-    return out
+    pc, pw = _period(bits)
+    wd = (words.to(torch.int64) & 0xFFFFFFFF).reshape(n // pc, pw, m)
+    mask = (1 << bits) - 1
+    codes = torch.zeros(n // pc, pc, m, dtype=torch.int64)
+    for k in range(pc):
+        for w in range(pw):
+            s = bits * k - 32 * w
+            if -bits < s < 32:
+                codes[:, k] |= (wd[:, w] >> s) if s >= 0 else (wd[:, w] << -s)
+    return (codes & mask).reshape(n, m).to(torch.uint8)
 
 
 def pack_cols(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -149,15 +153,29 @@ def _to_int32(words: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def pack_zeros_v1(zeros: torch.Tensor, bits: int) -> torch.Tensor:
-    """GPTQ "v1" qzeros [G, D_out * bits / 32]: each zero point is stored as (z - 1) mod 2^bits.
+def _ones_words(bits: int, n_words: int) -> torch.Tensor:
+    """The packed words of a row of codes that are all 1."""
+    pc, _pw = _period(bits)
+    pattern = pack_rows(torch.ones((pc, 1), dtype=torch.int64), bits)[:, 0].to(torch.int64) & 0xFFFFFFFF
+    return pattern.repeat(-(-n_words // len(pattern)))[:n_words]
 
-    The modular form makes z == 0 representable (stored as 2^bits - 1) and keeps the mapping a
-    bijection; :func:`unpack_zeros_v1` adds the 1 back, also mod 2^bits.
+
+def pack_zeros_v1(zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """GPTQ "v1" qzeros [G, D_out * bits / 32], bit-compatible with gptqmodel.
+
+    v1 stores z - 1. For 2, 4 and 8 bits gptqmodel converts by subtracting the packed all-ones
+    word from every int32 word (mod 2^32), so a zero point of 0 borrows from the field above it;
+    for 3 bits it works per field, mod 8. Both are exactly inverted by :func:`unpack_zeros_v1`.
     """
-    stored = (zeros.round().to(torch.int64) - 1) % (1 << bits)
-    return pack_cols(stored, bits)
+    z = zeros.round().to(torch.int64)
+    if bits == 3:
+        return pack_cols((z - 1) % 8, bits)
+    words = pack_cols(z, bits).to(torch.int64) & 0xFFFFFFFF
+    return _to_int32(words - _ones_words(bits, words.shape[1]).view(1, -1))
 
 
 def unpack_zeros_v1(qzeros: torch.Tensor, bits: int, n_cols: int) -> torch.Tensor:
-    return ((unpack_cols(qzeros, bits, n_cols).to(torch.int64) + 1) % (1 << bits)).to(torch.uint8)
+    if bits == 3:
+        return ((unpack_cols(qzeros, bits, n_cols).to(torch.int64) + 1) % 8).to(torch.uint8)
+    words = (qzeros.to(torch.int64) & 0xFFFFFFFF) + _ones_words(bits, qzeros.shape[1]).view(1, -1)
+    return unpack_cols(_to_int32(words), bits, n_cols)

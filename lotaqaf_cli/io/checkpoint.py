@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import __version__
 from ..core.qlinear import QuantLinear
 from ..core.quant import pack_rows, pack_zeros_v1, unpack_rows, unpack_zeros_v1
 from ..errors import LotaqafError
@@ -110,6 +111,10 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, quan
         "true_sequential": quant_config.get("true_sequential", False),
         "damp_percent": quant_config.get("damp_percent", 0.01),
         "quant_method": "gptq", "checkpoint_format": "gptq", "pack_dtype": "int32",
+        # gptqmodel loads an asymmetric v1 checkpoint only if it declares the zero-point encoding of
+        # gptqmodel >= 0.9 (word-wise z - 1), which is exactly what pack_zeros_v1 writes (tested
+        # bit for bit against gptqmodel's own files); see docs/decisions.md.
+        "meta": {"quantizer": [f"lotaqaf:{__version__}", "gptqmodel:0.9.0"]},
         "lotaqaf": provenance,
     }
     with atomic_dir(out_dir) as tmp:
@@ -174,7 +179,11 @@ def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float
         bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
     except (OSError, json.JSONDecodeError, KeyError, ValueError):
         raise LotaqafError(f"{d}/quantize_config.json is missing or unreadable") from None
-    files = sorted(d.glob("*.safetensors"))
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({d / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = [d / WEIGHTS] if (d / WEIGHTS).is_file() else []
     if not files:
         raise LotaqafError(f"{d} holds no .safetensors weights")
     state: dict[str, torch.Tensor] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -42,6 +43,7 @@ def load_source(ctx: Context) -> LoadedModel:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF converter's own bars; we show a spinner
         t0 = time.time()
         with ui.status(f"loading {ctx.cfg.model.path} ..."):
             ctx.source = load_model(ctx.cfg.model.path, ctx.cfg.model.dtype)

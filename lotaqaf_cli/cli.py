@@ -13,7 +13,7 @@ import sys
 from .errors import LotaqafError
 
 STAGES = {
-    "train": "run the whole chain the recipe names in `stages` (now: quantize -> ppl)",
+    "train": "run the whole chain the recipe names in `stages` (now: quantize -> train -> ppl)",
     "quantize": "GPTQ-quantize the recipe's model (cached by content)",
     "merge": "merge a trained adapter losslessly into its quantized base",
     "eval": "evaluate a model (MMLU, perplexity, GSM8K)",
@@ -66,15 +66,17 @@ def _run(args) -> int:
 
     from . import ui
     from .io.rundir import RunDir
-    from .stages import evaluate, quantize
+    from .stages import evaluate, quantize, train
     from .stages.common import Context
 
     if torch.get_num_threads() > (os.cpu_count() or 1):
         torch.set_num_threads(os.cpu_count() or 1)
+    if "train" in cfg.stages and args.stage == "train":
+        train.check_adapter_config(cfg)
     torch.manual_seed(cfg.seed)
     ctx = Context(cfg=cfg, run=RunDir(cfg))
     stages = ["quantize"] if args.stage == "quantize" else list(cfg.stages)
-    available = {"quantize": quantize.run, "ppl": evaluate.run_ppl}
+    available = {"quantize": quantize.run, "train": train.run, "ppl": evaluate.run_ppl}
     for name in stages:
         if name not in available:
             ui.say(f"[yellow]stage '{name}' is not implemented yet: skipped[/yellow]")

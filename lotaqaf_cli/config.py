@@ -111,7 +111,7 @@ def validate(cfg: DictConfig) -> None:
             raise LotaqafError(f"{sect}.source=file needs {sect}.path")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise LotaqafError(f"device must be auto, cpu or cuda, got {cfg.device}")
-    known = {"quantize", "ppl", "adapt", "train", "merge", "eval", "export"}
+    known = {"quantize", "train", "ppl", "merge", "eval", "export"}
     bad = [s for s in cfg.stages if s not in known]
     if bad:
         raise LotaqafError(f"unknown stage(s) {bad}; known: {sorted(known)}")

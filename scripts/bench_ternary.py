@@ -72,9 +72,9 @@ def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def time_steps(modules: dict[str, nn.Module], x, dy, steps: int, warmup: int) -> dict[str, float]:
-    """Median fwd+bwd seconds per module; the modules take turns so that load from other processes
-    hits them alike."""
+def time_steps(modules: dict[str, nn.Module], x, dy, steps: int, warmup: int) -> dict[str, list[float]]:
+    """fwd+bwd seconds per module and step; the modules take turns so that load from other
+    processes hits them alike."""
     times: dict[str, list[float]] = {name: [] for name in modules}
     for i in range(warmup + steps):
         for name, module in modules.items():
@@ -85,7 +85,7 @@ def time_steps(modules: dict[str, nn.Module], x, dy, steps: int, warmup: int) ->
             module(x).backward(dy)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def main() -> None:
@@ -115,7 +115,7 @@ def main() -> None:
 
     modules = {"ours": ours, "naive": naive, "lora": lora}
     times = time_steps(modules, x, dy, args.steps, args.warmup)
-    results = {name: (times[name], saved_bytes(m, x)) for name, m in modules.items()}
+    results = {name: (statistics.median(times[name]), saved_bytes(m, x)) for name, m in modules.items()}
 
     t_rebuild = []
     with torch.no_grad():
@@ -129,10 +129,11 @@ def main() -> None:
           f"x={BATCH}x{SEQ} fp32, threads={torch.get_num_threads()}, steps={args.steps}")
     print(f"markers non-zero: {(st['plus'] + st['minus']) / st['total']:.2e}   max |ours - naive| = {err:.2e}")
     for name, (t, b) in results.items():
-        print(f"{name:6s} fwd+bwd median {t * 1e3:8.2f} ms   saved for backward {b / 2**20:7.2f} MiB")
+        print(f"{name:6s} fwd+bwd median {t * 1e3:8.2f} ms (min {min(times[name]) * 1e3:7.2f})   "
+              f"saved for backward {b / 2**20:6.2f} MiB")
     print(f"W_eff rebuild (dW, markers, mu, W_eff) median {statistics.median(t_rebuild) * 1e3:.2f} ms")
     (to, bo), (tn, bn), (tl, bl) = results["ours"], results["naive"], results["lora"]
-    print(f"time  ours/naive {to / tn:.3f}   ours/lora {to / tl:.3f}")
+    print(f"time  ours/naive {to / tn:.3f}   ours/lora {to / tl:.3f}   (medians)")
     print(f"saved ours/naive {bo / bn:.3f}   ours/lora {bo / bl:.3f}")
 
 

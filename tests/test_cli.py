@@ -95,7 +95,8 @@ def test_smoke_chain_and_reuse(capsys, in_tmp):
     for kind, v in q["error_by_kind"].items():
         assert v["gptq_worse_than_rtn"] == 0, kind
     ppl = json.loads((in_tmp / "runs/a/ppl.json").read_text())["results"]
-    assert set(ppl) == {"16-bit", "GPTQ INT4 g32"} and all(r["ppl"] > 1 for r in ppl.values())
+    assert set(ppl) == {"16-bit", "GPTQ INT4 g32", "GPTQ + lota (adapter)"}
+    assert all(r["ppl"] > 1 for r in ppl.values())
     capsys.readouterr()
 
     assert main(["quantize", "recipe=smoke", "run.dir=runs/b"]) == 0

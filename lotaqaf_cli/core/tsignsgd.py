@@ -80,6 +80,12 @@ def top_threshold(a: torch.Tensor, fraction: float) -> torch.Tensor:
     return flat.kthvalue(n - k).values
 
 
+def _floats(ts: list[torch.Tensor]) -> list[float]:
+    """0-d tensors (possibly on several devices) -> floats, with one transfer per device."""
+    dev = ts[0].device
+    return torch.stack([t.to(dev) for t in ts]).tolist()
+
+
 class TSignSGD(Optimizer):
     """t-SignSGD over ternary tensors. ``total_steps`` is the run's real number of optimizer steps.
 
@@ -106,7 +112,7 @@ class TSignSGD(Optimizer):
     def _global_grad_norm(self) -> torch.Tensor:
         sq = [p.grad.float().square().sum() for g in self.param_groups for p in g["params"]
               if p.grad is not None]
-        return torch.stack(sq).sum().sqrt() if sq else torch.zeros(())
+        return torch.stack([t.to(sq[0].device) for t in sq]).sum().sqrt() if sq else torch.zeros(())
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -146,8 +152,7 @@ class TSignSGD(Optimizer):
             group["step"] = t + 1
         stats["grad_norm"] = norm_value
         if names:
-            sig = torch.stack(sigmas).tolist()
-            mv = torch.stack(moved).tolist()
+            sig, mv = _floats(sigmas), _floats(moved)
             stats["sigma"] = dict(zip(names, sig, strict=True))
             stats["moved"] = {n: m / s for n, m, s in zip(names, mv, sizes, strict=True)}
             stats["moved_total"] = sum(mv) / sum(sizes)

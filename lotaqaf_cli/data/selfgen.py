@@ -123,7 +123,7 @@ def self_text_windows(model, tokenizer, role: str, n_samples: int, seq_len: int,
     need = n_samples * seq_len
     while total < need:
         # Answers are ~100-250 tokens; ask for enough prompts to fill the windows in one round.
-        n_prompts = max(4, -(-(need - total) // max(32, seq_len // 2)))
+        n_prompts = max(4, -(-(need - total) // max(32, seq_len * 3 // 4)))
         new = sample_answers(model, tokenizer, role, n_prompts, max_new_tokens=seq_len,
                              seed=seed + 7 * round_, progress=progress)
         pairs.extend(new)

@@ -34,11 +34,15 @@ WEIGHTS = "model.safetensors"
 # atomic writes
 # ---------------------------------------------------------------------------------------------
 
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from .checkpoint import write_json_atomic
 
 CONFIG_FILE = "config.yaml"
 # Keys that may differ between two invocations of the same run (resuming, re-running a stage).
-VOLATILE_KEYS = {"run", "stages", "device"}
+VOLATILE_KEYS = {"run", "stages", "device", "resume"}
 
 
 def versions() -> dict:
@@ -56,8 +56,12 @@ class RunDir:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.root = Path(cfg.run.root)
+        previous = sorted(p for p in (self.root / cfg.name).glob("*") if (p / CONFIG_FILE).is_file()) \
+            if cfg.resume and not cfg.run.dir else []
         if cfg.run.dir:
             self.path = Path(cfg.run.dir)
+        elif previous:
+            self.path = previous[-1]  # resume=true: the newest run of this recipe
         else:
             stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
             self.path = self.root / cfg.name / stamp

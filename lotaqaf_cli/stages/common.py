@@ -27,6 +27,7 @@ class Context:
     quantized: torch.nn.Module | None = None
     quantized_dir: str | None = None
     quantized_hash: str | None = None
+    adapted: torch.nn.Module | None = None
     timings: dict = field(default_factory=dict)
 
 

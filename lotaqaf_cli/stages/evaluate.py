@@ -22,6 +22,8 @@ def run_ppl(ctx: Context) -> dict:
     models = {} if src.quantized else {"16-bit": src.model}
     if ctx.quantized is not None:
         models[f"GPTQ INT{cfg.quant.bits} g{cfg.quant.group_size}"] = ctx.quantized
+    if ctx.adapted is not None:
+        models[f"GPTQ + {cfg.adapter.name} (adapter)"] = ctx.adapted
     results = {}
     for label, model in models.items():
         t0 = time.time()

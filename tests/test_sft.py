@@ -268,11 +268,9 @@ def test_pad_token_id():
 # --------------------------------------------------------------------------- SmolLM2 (real chat template)
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from lotaqaf_cli.io.models import load_model
-
-    return load_model("embedded:smollm2")
+@pytest.fixture
+def smollm2(smollm2_loaded):
+    return smollm2_loaded
 
 
 CONVERSATIONS = [

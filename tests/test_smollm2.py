@@ -5,14 +5,13 @@ import torch
 
 from lotaqaf_cli.core.quantize_model import quantize_model
 from lotaqaf_cli.data.selfgen import prompts_for, self_text_windows
-from lotaqaf_cli.io.models import load_model
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    return load_model("embedded:smollm2")
+@pytest.fixture
+def smollm2(smollm2_loaded):
+    return smollm2_loaded
 
 
 def test_embedded_model_answers(smollm2):

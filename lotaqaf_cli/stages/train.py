@@ -267,7 +267,8 @@ def adapter_metrics(model, opt) -> dict:
 
 
 def code_change_table(model) -> dict:
-    """The paper's Table 2 analogue: fractions of codes moved up, down, unchanged, blocked."""
+    """Codes moved up / down / unchanged / blocked by the markers, and the values of the TA
+    parameters (+1 / -1 / 0: what the paper's Table 2 counts)."""
     agg = {"plus": 0, "minus": 0, "zero": 0, "blocked": 0, "total": 0}
     for m in adapter_layers(model).values():
         if isinstance(m, TernaryLinear):
@@ -275,4 +276,15 @@ def code_change_table(model) -> dict:
             for k in agg:
                 agg[k] += s[k]
     t = max(agg["total"], 1)
-    return {**agg, "up_frac": agg["plus"] / t, "down_frac": agg["minus"] / t, "unchanged_frac": agg["zero"] / t}
+    ta = {"plus": 0, "minus": 0, "zero": 0}  # the TA parameters themselves (the paper's Table 2)
+    for m in adapter_layers(model).values():
+        if isinstance(m, TernaryLinear):
+            for p in (m.A_T, m.B_T):
+                ta["plus"] += int((p > 0).sum())
+                ta["minus"] += int((p < 0).sum())
+                ta["zero"] += int((p == 0).sum())
+    n_ta = max(sum(ta.values()), 1)
+    return {"codes": {**agg, "up_frac": agg["plus"] / t, "down_frac": agg["minus"] / t,
+                      "unchanged_frac": agg["zero"] / t},
+            "ta_params": {**ta, "total": n_ta, "plus_frac": ta["plus"] / n_ta, "minus_frac": ta["minus"] / n_ta,
+                          "zero_frac": ta["zero"] / n_ta}}

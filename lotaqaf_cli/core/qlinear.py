@@ -8,10 +8,21 @@ as float so that a merged LoTA-QAF layer (fractional zero points) is the same mo
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .quant import dequantize, max_code, num_groups
+
+
+def linear_in_major(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ w + bias for an input-major weight w [D_in, D_out].
+
+    Every layer of lotaqaf (QuantLinear, the ternary adapter, the merged layer) multiplies through
+    this one function, so a merged layer whose weight equals the adapter's W_eff bit for bit also
+    produces bit-identical outputs (the merge certificate relies on it).
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    y = x2 @ w if bias is None else torch.addmm(bias.to(x.dtype), x2, w)
+    return y.view(*x.shape[:-1], w.shape[1])
 
 
 class QuantLinear(nn.Module):
@@ -49,9 +60,7 @@ class QuantLinear(nn.Module):
         return w if dtype is None else w.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, w.t(), bias)
+        return linear_in_major(x, self.dequantize(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

@@ -20,8 +20,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .qlinear import QuantLinear
-from .quant import max_code
+from .qlinear import QuantLinear, linear_in_major
+from .quant import dequantize, max_code
 
 GRANULARITIES = ("group", "channel", "tensor", "none")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -207,6 +207,11 @@ def effective_weight(base: QuantLinear, A_T: torch.Tensor, B_T: torch.Tensor, om
 # The layer
 # ----------------------------------------------------------------------------------------------
 
+def merged_zeros(zeros: torch.Tensor, mu: torch.Tensor | None) -> torch.Tensor:
+    """The fractional zero points z' = z - mu (float32) that absorb the offset factor."""
+    return zeros.float() if mu is None else zeros.float() - mu
+
+
 def check_hparams(rank: int, omega: float, granularity: str = "group") -> None:
     """Raise ValueError unless rank >= 1, 0 < omega < rank and the granularity is known."""
     if int(rank) != rank or rank < 1:
@@ -223,11 +228,7 @@ class _TernaryLinearFn(torch.autograd.Function):
     def forward(ctx, x, A_T, B_T, layer):
         ctx.layer = layer
         ctx.save_for_backward(x, A_T, B_T)
-        w = layer._effective(A_T, B_T).to(x.dtype)
-        x2 = x.reshape(-1, x.shape[-1])
-        bias = layer.base.bias
-        y = x2 @ w if bias is None else torch.addmm(bias.to(x.dtype), x2, w)
-        return y.view(*x.shape[:-1], w.shape[1])
+        return linear_in_major(x, layer._effective(A_T, B_T).to(x.dtype), layer.base.bias)
 
     @staticmethod
     def backward(ctx, dy):
@@ -313,25 +314,17 @@ class TernaryLinear(nn.Module):
         return idx, val, mu, blocked
 
     def _effective(self, A_T, B_T) -> torch.Tensor:
-        """W_eff fp32 [D_in, D_out] = s[g] * (W_int - (z - mu)[g]) + s[g] * W_hat."""
+        """W_eff fp32 [D_in, D_out] = s[g] * ((W_int + W_hat) - (z - mu)[g]).
+
+        Computed with exactly the operations of the merged layer (integer codes W_int + W_hat, then
+        quant.dequantize with zero points z - mu), so merging changes no output bit.
+        """
         base = self.base
         idx, val, mu, _ = self._markers_mu(A_T, B_T)
-        off = base.zeros.float() if mu is None else base.zeros.float() - mu  # z - mu, [G, D_out]
-        s = base.scales.float()
-        w = base.codes.to(torch.float32)
-        g = base.g_idx.long()
-        if self._gs is not None:
-            wv = w.view(self._n_groups, self._gs, w.shape[1])
-            wv -= off[:, None]
-            wv *= s[:, None]
-        else:
-            w -= off[g]
-            w *= s[g]
+        codes = base.codes.to(torch.float32)
         if idx.numel():
-            d_out = w.shape[1]
-            s_at = s[g[idx // d_out], idx % d_out]
-            w.view(-1).index_add_(0, idx, s_at * val)
-        return w
+            codes.view(-1).index_add_(0, idx, val.to(torch.float32))  # integers: exact
+        return dequantize(codes, base.scales.float(), merged_zeros(base.zeros, mu), base.g_idx)
 
     def _grad_dW(self, g: torch.Tensor) -> torch.Tensor:
         """dL/d dW from G = x^T dy (fp32, overwritten): H + (sum of H over the mean's set) / (omega * n),

@@ -1,0 +1,85 @@
+"""Lossless merge of ternary adapters into their quantized base (method page, section 2).
+
+    W_int' = W_int + W_hat      (never leaves [0, 2^N - 1]: the boundary check suppressed those markers)
+    z'     = z - mu             (a fractional zero point per group x column)
+
+The merged QuantLinear computes s * (W_int' - z') with the same operations as the adapter's
+forward, so outputs are bit-identical. Unmerging subtracts the markers and restores z exactly.
+Also the contrast case: a 16-bit LoRA can only enter the integer grid by dequantize + add + re-quantize.
+No I/O here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .lora import LoRALinear, QALoRALinear
+from .qlinear import QuantLinear
+from .quant import max_code, rtn_quantize
+from .ternary import TernaryLinear, merged_zeros
+
+
+@dataclass
+class MergedLayer:
+    layer: QuantLinear        # the merged layer (fractional zero points when mu is used)
+    markers: torch.Tensor     # W_hat, int8 [D_in, D_out]: what unmerge subtracts
+    int_zeros: torch.Tensor   # the base's integer zero points z: what unmerge restores
+    stats: dict               # counts of +1 / -1 / 0 markers and blocked codes
+
+
+def merge_ternary(t: TernaryLinear) -> MergedLayer:
+    base = t.base
+    w_hat, mu = t.markers_and_offset()
+    codes = base.codes.to(torch.int16) + w_hat.to(torch.int16)
+    if int(codes.min()) < 0 or int(codes.max()) > max_code(base.bits):  # cannot happen: boundary check
+        raise AssertionError("merged codes left the integer grid")
+    merged = QuantLinear.from_quantized(codes.to(torch.uint8), base.scales, merged_zeros(base.zeros, mu),
+                                        base.g_idx, base.bits, base.group_size, base.bias)
+    st = t.marker_stats()
+    return MergedLayer(merged, w_hat, base.zeros.detach().clone(),
+                       {"plus": st["plus"], "minus": st["minus"], "zero": st["zero"], "blocked": st["blocked"]})
+
+
+def unmerge_layer(merged: QuantLinear, markers: torch.Tensor, int_zeros: torch.Tensor) -> QuantLinear:
+    codes = merged.codes.to(torch.int16) - markers.to(torch.int16)
+    return QuantLinear.from_quantized(codes.to(torch.uint8), merged.scales, int_zeros, merged.g_idx,
+                                      merged.bits, merged.group_size, merged.bias)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    owner, _, child = name.rpartition(".")
+    setattr(model.get_submodule(owner) if owner else model, child, module)
+
+
+@torch.no_grad()
+def merge_model(model: nn.Module) -> dict[str, MergedLayer]:
+    """Replace every TernaryLinear by its merged QuantLinear, in place."""
+    out = {}
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, TernaryLinear)]:
+        out[name] = merge_ternary(m)
+        _replace(model, name, out[name].layer)
+    return out
+
+
+@torch.no_grad()
+def requantize_lora(layer: LoRALinear) -> QuantLinear:
+    """The only way a 16-bit LoRA enters a GPTQ grid: dequantize, add the LoRA delta, round again
+    (min-max per group, the base's group size). QA-LoRA folds exactly into zero points instead."""
+    base = layer.base
+    if isinstance(layer, QALoRALinear):
+        return QuantLinear.from_quantized(base.codes, base.scales, base.zeros - layer.zero_point_shift(),
+                                          base.g_idx, base.bits, base.group_size, base.bias)
+    w = base.dequantize(torch.float32) + layer.delta_weight().float()
+    codes, scales, zeros, g_idx = rtn_quantize(w, base.bits, base.group_size)
+    return QuantLinear.from_quantized(codes, scales, zeros, g_idx, base.bits, base.group_size, base.bias)
+
+
+@torch.no_grad()
+def merge_lora_model(model: nn.Module) -> list[str]:
+    names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    for n in names:
+        _replace(model, n, requantize_lora(model.get_submodule(n)))
+    return names

@@ -19,7 +19,7 @@ STAGES = {
     "eval": "evaluate a model (MMLU, perplexity, GSM8K)",
     "export": "export a merged model (gptq, gguf, hf16)",
 }
-NOT_YET = {"merge": "the merge stage", "eval": "the eval stage", "export": "the export stage"}
+NOT_YET = {"eval": "the eval stage", "export": "the export stage"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="recipe=NAME and key=value overrides (Hydra syntax)")
     p.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--verify", dest="verify", action="store_true", default=True,
+                   help="merge: re-check the written checkpoint (default)")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="merge: skip the re-check from disk")
+    p.add_argument("--unmerge", action="store_true", help="merge: restore the base from the merged checkpoint")
     return p
 
 
@@ -54,6 +58,17 @@ def _run(args) -> int:
 
     if args.stage == "recipes":
         _print_recipes()
+        return 0
+    if args.stage == "merge":
+        from .stages import merge
+
+        run = None
+        for ov in args.overrides:
+            key, _, value = ov.partition("=")
+            if key != "run" or not value:
+                raise LotaqafError(f"merge takes only run=DIR, got '{ov}'")
+            run = value
+        merge.run_merge(run, verify=args.verify, unmerge=args.unmerge)
         return 0
     cfg = compose(list(args.overrides))
     if args.cfg:

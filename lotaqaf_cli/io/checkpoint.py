@@ -65,18 +65,28 @@ def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def gptq_tensors(name: str, m: QuantLinear) -> dict[str, torch.Tensor]:
-    """The GPTQ tensors of one QuantLinear (integer zero points only)."""
-    if not torch.equal(m.zeros, m.zeros.round()):
-        raise ValueError(f"{name}: fractional zero points cannot be stored in GPTQ qzeros")
+def gptq_tensors(name: str, m: QuantLinear, merged=None) -> dict[str, torch.Tensor]:
+    """The GPTQ tensors of one QuantLinear.
+
+    A merged LoTA-QAF layer (``merged``: core.merge.MergedLayer) also gets `name.zero_points`
+    (the fractional z' = z - mu, float32, used instead of qzeros when present) and `name.markers`
+    (W_hat as 2-bit codes, for unmerge); its qzeros keep the base's integer z.
+    """
+    int_zeros = m.zeros.round() if merged is None else merged.int_zeros
     out = {
         f"{name}.qweight": pack_rows(m.codes, m.bits),
-        f"{name}.qzeros": pack_zeros_v1(m.zeros, m.bits),
+        f"{name}.qzeros": pack_zeros_v1(int_zeros, m.bits),
         f"{name}.scales": m.scales.half(),
         f"{name}.g_idx": m.g_idx.to(torch.int32),
     }
     if m.bias is not None:
         out[f"{name}.bias"] = m.bias.detach().clone()
+    if merged is not None:
+        from .adapter import pack_ternary
+
+        out[f"{name}.markers"] = pack_ternary(merged.markers)
+    if not torch.equal(m.zeros.float(), int_zeros.float()):  # fractional zero points (merged model)
+        out[f"{name}.zero_points"] = m.zeros.detach().float().contiguous().clone()
     return out
 
 
@@ -90,8 +100,9 @@ def content_hash(ckpt_dir: str | os.PathLike) -> str:
 
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, quant_config: dict,
-                   provenance: dict) -> str:
-    """Write a GPTQ checkpoint atomically; returns its content hash."""
+                   provenance: dict, merged: dict | None = None) -> str:
+    """Write a GPTQ checkpoint atomically; returns its content hash. ``merged`` maps layer names
+    to core.merge.MergedLayer for a merged LoTA-QAF model."""
     from safetensors.torch import save_file
 
     qmods = quantized_modules(model)
@@ -100,7 +111,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, quan
     tensors: dict[str, torch.Tensor] = {}
     skip = set()
     for name, m in qmods.items():
-        tensors.update(gptq_tensors(name, m))
+        tensors.update(gptq_tensors(name, m, (merged or {}).get(name)))
         skip.update(f"{name}.{b}" for b in ("codes", "scales", "zeros", "g_idx", "bias"))
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for k, v in model.state_dict().items():
@@ -205,11 +216,13 @@ def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float
         qweight, qzeros = state.pop(f"{name}.qweight"), state.pop(f"{name}.qzeros")
         scales, g_idx = state.pop(f"{name}.scales").float(), state.pop(f"{name}.g_idx", None)
         bias = state.pop(f"{name}.bias", None)
+        zero_points = state.pop(f"{name}.zero_points", None)
+        state.pop(f"{name}.markers", None)
         d_in, d_out = qweight.shape[0] * 32 // bits, qweight.shape[1]
         if g_idx is None:
             g_idx = torch.arange(d_in, dtype=torch.int32) // (d_in if group_size <= 0 else group_size)
         codes = unpack_rows(qweight, bits, d_in)
-        zeros = unpack_zeros_v1(qzeros, bits, d_out).float()
+        zeros = unpack_zeros_v1(qzeros, bits, d_out).float() if zero_points is None else zero_points.float()
         _set_module(model, name, QuantLinear.from_quantized(codes, scales, zeros, g_idx, bits, group_size,
                                                             None if bias is None else bias.float()))
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
@@ -227,3 +240,32 @@ def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float
         tok = AutoTokenizer.from_pretrained(str(d))
     chash = content_hash(d) if (d / WEIGHTS).is_file() else "sha256:" + file_sha256(files[0])
     return model, tok, {"quantize_config": qcfg, "content_hash": chash, "bits": bits, "group_size": group_size}
+
+
+def quantized_tensor_hash(ckpt_dir: str | os.PathLike) -> str:
+    """sha256 over the quantized tensors only (qweight, qzeros, scales, g_idx, zero_points, markers),
+    name by name: equal for two checkpoints that hold the same quantized model."""
+    state = read_safetensors(Path(ckpt_dir) / WEIGHTS)
+    h = hashlib.sha256()
+    for k in sorted(state):
+        if k.endswith((".qweight", ".qzeros", ".scales", ".g_idx", ".zero_points", ".markers")):
+            t = state[k].contiguous()
+            h.update(k.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode() + t.numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def unmerge_state(state: dict[str, torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
+    """Tensors of a merged checkpoint -> the base's: codes - markers, integer zeros, no extras."""
+    from .adapter import unpack_ternary
+
+    out = dict(state)
+    for k in [k for k in state if k.endswith(".markers")]:
+        name = k[: -len(".markers")]
+        qweight = state[f"{name}.qweight"]
+        d_in, d_out = qweight.shape[0] * 32 // bits, qweight.shape[1]
+        codes = unpack_rows(qweight, bits, d_in).to(torch.int16)
+        codes -= unpack_ternary(state[k], (d_in, d_out)).to(torch.int16)
+        out[f"{name}.qweight"] = pack_rows(codes, bits)
+        out.pop(k)
+        out.pop(f"{name}.zero_points", None)
+    return out

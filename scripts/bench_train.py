@@ -85,7 +85,6 @@ def bench(base, method: str, batch: dict, steps: int, warmup: int) -> dict:
         times.append(time.perf_counter() - t0)
     out = {"median_s": statistics.median(times), "peak_mb": peak_mb(rss0),
            "trainable": sum(p.numel() for p in params)}
-    del model, opt
     return out
 
 

@@ -19,7 +19,7 @@ STAGES = {
     "eval": "evaluate a model (MMLU, perplexity, GSM8K)",
     "export": "export a merged model (gptq, gguf, hf16)",
 }
-NOT_YET = {"eval": "the eval stage", "export": "the export stage"}
+NOT_YET = {"eval": "the eval stage"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="merge: re-check the written checkpoint (default)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="merge: skip the re-check from disk")
     p.add_argument("--unmerge", action="store_true", help="merge: restore the base from the merged checkpoint")
+    p.add_argument("--format", default=None, help="export: gptq | gguf | hf16")
+    p.add_argument("--allow-lossy", action="store_true", help="export: allow a format that changes outputs")
     return p
 
 
@@ -59,16 +61,23 @@ def _run(args) -> int:
     if args.stage == "recipes":
         _print_recipes()
         return 0
-    if args.stage == "merge":
-        from .stages import merge
-
+    if args.stage in ("merge", "export"):
         run = None
         for ov in args.overrides:
             key, _, value = ov.partition("=")
             if key != "run" or not value:
-                raise LotaqafError(f"merge takes only run=DIR, got '{ov}'")
+                raise LotaqafError(f"{args.stage} takes only run=DIR, got '{ov}'")
             run = value
-        merge.run_merge(run, verify=args.verify, unmerge=args.unmerge)
+        if args.stage == "merge":
+            from .stages import merge
+
+            merge.run_merge(run, verify=args.verify, unmerge=args.unmerge)
+        else:
+            from .stages import export
+
+            if not args.format:
+                raise LotaqafError("export needs --format gptq|gguf|hf16")
+            export.run_export(run, args.format, allow_lossy=args.allow_lossy)
         return 0
     cfg = compose(list(args.overrides))
     if args.cfg:

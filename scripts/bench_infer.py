@@ -1,0 +1,99 @@
+"""Inference cost of a merged LoTA-QAF model vs plain GPTQ and GPTQ + unmerged 16-bit LoRA, on one
+quantized base, in one process.
+
+    .venv/bin/python scripts/bench_infer.py                      # SmolLM2-135M, RTN INT4 g64 base
+    .venv/bin/python scripts/bench_infer.py --new-tokens 32      # quicker
+
+(a) plain GPTQ, (b) GPTQ + unmerged LoRA (r 16, all 7 projections), (c) merged LoTA-QAF (r 64,
+omega 48, fractional zero points). Reports greedy generation throughput (tokens/s) at batch 1 and
+batch 8 with a fixed number of new tokens, and prefill time of a batch of prompts, with the ratios
+c/b and c/a. The adapters hold random (non-zero) values: speed does not depend on what was learned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+from lotaqaf_cli.core.lora import attach_lora
+from lotaqaf_cli.core.merge import merge_model
+from lotaqaf_cli.core.quantize_model import quantize_model
+from lotaqaf_cli.core.ternary import TernaryLinear, attach_ternary_adapters
+from lotaqaf_cli.io.models import load_model
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build(args):
+    src = load_model("embedded:smollm2")
+    g = torch.Generator().manual_seed(0)
+    base = src.model
+    quantize_model(base, [torch.randint(100, 40000, (2, 32), generator=g)], bits=4, group_size=64, method="rtn")
+    lora = copy.deepcopy(base)
+    attach_lora(lora, "lora", 16, 32, 0.0, TARGETS)
+    lota = copy.deepcopy(base)
+    attach_ternary_adapters(lota, 64, 48, "group", TARGETS, generator=g)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.01, generator=g)
+        for m in lota.modules():
+            if isinstance(m, TernaryLinear):
+                m.B_T.copy_(torch.randint(-1, 2, m.B_T.shape, generator=g).float())
+        merge_model(lota)
+    return {"a: GPTQ": base.eval(), "b: GPTQ+LoRA": lora.eval(), "c: merged LoTA": lota.eval()}, src.tokenizer
+
+
+@torch.no_grad()
+def gen_tps(model, ids, new_tokens, reps):
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+        ts.append(time.perf_counter() - t0)
+    return ids.shape[0] * new_tokens / statistics.median(ts)
+
+
+@torch.no_grad()
+def prefill_s(model, ids, reps):
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    models, _tok = build(args)
+    g = torch.Generator().manual_seed(1)
+    prompts = {b: torch.randint(100, 40000, (b, args.prompt_len), generator=g) for b in (1, 8)}
+    res = {}
+    for name, m in models.items():  # warm-up
+        gen_tps(m, prompts[1], 4, 1)
+    for name, m in models.items():
+        res[name] = {f"tok/s b{b}": gen_tps(m, prompts[b], args.new_tokens, args.reps) for b in (1, 8)}
+        res[name]["prefill s (8x512)"] = prefill_s(m, torch.randint(100, 40000, (8, 512), generator=g), args.reps)
+    print(f"SmolLM2-135M RTN INT4 g64, CPU {torch.get_num_threads()} threads, greedy, {args.new_tokens} new tokens, "
+          f"prompt {args.prompt_len}, median of {args.reps}")
+    for name, r in res.items():
+        print(f"  {name:15s} " + "  ".join(f"{k} {v:8.2f}" for k, v in r.items()))
+    a, b, c = (res[k] for k in models)
+    for key in a:
+        better = (lambda x, y: x / y) if key.startswith("tok") else (lambda x, y: y / x)  # >1: c is faster
+        print(f"  {key:18s} speed ratio c/b {better(c[key], b[key]):.2f}   c/a {better(c[key], a[key]):.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -34,6 +34,8 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python scripts/bench_quant.py
+	$(BIN)/python scripts/bench_train.py
+	$(BIN)/python scripts/bench_infer.py
 
 lint: setup
 	$(BIN)/ruff check lotaqaf_cli tests scripts

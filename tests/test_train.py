@@ -100,3 +100,13 @@ def test_resume_after_sigkill_is_bit_identical(in_tmp):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "adapter.omega" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert Path(in_tmp / "runs/killed/metrics.jsonl").read_text().count("\n") == 60
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(in_tmp):
+    for name, gc in (("gc", "true"), ("plain", "false")):
+        assert main(["train", "recipe=smoke", f"run.dir=runs/{name}", f"optim.gradient_checkpointing={gc}",
+                     "stages=[quantize,train]"]) == 0
+    _, a = read_adapter(in_tmp / "runs/gc/adapter.safetensors")
+    _, b = read_adapter(in_tmp / "runs/plain/adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sum(int((a[k] != 0).sum()) for k in a if k.endswith("B_T")) > 0

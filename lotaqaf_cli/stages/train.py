@@ -169,7 +169,9 @@ def run(ctx: Context) -> None:
     model.train()
     device = next(model.parameters()).device
     if o.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+        model.enable_input_require_grads()  # frozen embeddings: let gradients reach the adapters
     opt, sched = make_optimizer(model, cfg)
 
     run_path = ctx.run.ensure()

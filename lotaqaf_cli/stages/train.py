@@ -196,6 +196,7 @@ def run(ctx: Context) -> None:
     ui.say(f"training {cfg.adapter.name} on {len(names)} layers, {o.steps} steps x batch {o.batch_size}"
            f" x accum {o.grad_accum}, {len(examples)} examples")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    tb = tensorboard_writer(run_path / "tensorboard")
     t_start = time.time()
     with ui.progress_bar(f"train ({cfg.adapter.name})", o.steps) as adv, open(metrics_path, "a") as mf:
         adv(start)
@@ -219,10 +220,16 @@ def run(ctx: Context) -> None:
             row.update(adapter_metrics(model, opt))
             mf.write(json.dumps(row) + "\n")
             mf.flush()
+            if tb is not None:
+                for k, v in row.items():
+                    if isinstance(v, (int, float)) and k != "step" and v is not None:
+                        tb.add_scalar(f"train/{k}", v, row["step"])
             adv(1)
             if (step + 1) % o.save_every == 0 or step + 1 == o.steps:
                 save_checkpoint(run_path, step + 1, model, opt, sched, batches)
     ctx.timings["train_s"] = round(time.time() - t_start, 1)
+    if tb is not None:
+        tb.close()
 
     model.eval()
     header = {"kind": cfg.adapter.name, "rank": cfg.adapter.rank, "base_hash": ctx.quantized_hash,
@@ -238,6 +245,15 @@ def run(ctx: Context) -> None:
     ctx.run.write_json("train.json", summary)
     ctx.adapted = model
     ui.say(f"adapter written to {run_path / 'adapter.safetensors'} ({ctx.timings['train_s']} s of training)")
+
+
+def tensorboard_writer(path: Path):
+    """A TensorBoard SummaryWriter when tensorboard is installed, else None (metrics.jsonl has it all)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
 
 
 class _null:

@@ -86,6 +86,10 @@ def compose(overrides: list[str]) -> DictConfig:
                 hint = f"; nearest valid keys: {', '.join(near)}" if near else ""
                 raise LotaqafError(f"unknown config key '{key}'{hint}") from None
             raise LotaqafError(f"bad override: {msg.splitlines()[0]}") from None
+    if cfg.adapter.name in ("lora", "qalora") and cfg.optim.name == "tsignsgd" and \
+            not any(o.split("=", 1)[0].lstrip("+~") == "optim" for o in overrides):
+        # The baselines train with AdamW: `adapter=lora` alone selects it (optim=... still decides).
+        return compose([*overrides, "optim=adamw"])
     validate(cfg)
     return cfg
 

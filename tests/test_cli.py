@@ -123,3 +123,15 @@ def test_existing_gptq_checkpoint_skips_quantization(capsys, in_tmp):
     q = json.loads((in_tmp / "runs/a/quantize.json").read_text())
     assert main(["train", "recipe=smoke", f"model.path={in_tmp / q['checkpoint']}", "run.dir=runs/b"]) == 0
     assert json.loads((in_tmp / "runs/b/quantize.json").read_text())["skipped"] is True
+
+
+def test_baseline_adapters_select_adamw(capsys):
+    assert main(["train", "recipe=smollm2_mmlu", "adapter=qalora", "--cfg"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["adapter"]["name"] == "qalora" and cfg["optim"]["name"] == "adamw"
+    assert cfg["optim"]["max_grad_norm"] == 0.3 and cfg["optim"]["warmup_ratio"] == 0.03
+
+
+def test_mismatched_optimizer_is_refused(capsys, in_tmp):
+    assert_user_error(capsys, in_tmp, ["train", "recipe=smoke", "adapter=lora", "optim=tsignsgd"],
+                      "adapter=lora trains with optim=adamw")

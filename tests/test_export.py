@@ -1,0 +1,78 @@
+"""`lotaqaf export` on the smoke recipe: exact GPTQ export without the offset factor, refusal with it,
+hf16, and the GGUF source requirement."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from lotaqaf_cli.cli import main
+from lotaqaf_cli.io.checkpoint import load_quantized
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        for name, gran in (("mu", "group"), ("nomu", "none")):
+            assert main(["train", "recipe=smoke", f"run.dir=runs/{name}", "adapter.omega=2", "optim.steps=8",
+                         f"adapter.offset_factor={gran}", "stages=[quantize,train]"]) == 0
+            assert main(["merge", f"run=runs/{name}"]) == 0
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def here(runs, monkeypatch):
+    monkeypatch.chdir(runs)
+    return runs
+
+
+def one_line_error(capsys, argv, needle):
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_gptq_export_exact_without_offset_factor(here):
+    assert main(["export", "run=runs/nomu", "--format", "gptq"]) == 0
+    rep = json.loads((here / "runs/nomu/export-gptq.json").read_text())
+    assert rep["fractional_zero_points"] == 0 and rep["max_abs_logit_diff"] == 0.0
+    m, _, _ = load_quantized(here / "runs/nomu/export-gptq")
+    merged, _, _ = load_quantized(here / "runs/nomu/merged")
+    ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, merged(ids).logits)
+
+
+def test_gptq_export_with_offset_factor_needs_allow_lossy(here, capsys):
+    one_line_error(capsys, ["export", "run=runs/mu", "--format", "gptq"], "--allow-lossy")
+    assert not (here / "runs/mu/export-gptq").exists()
+    assert main(["export", "run=runs/mu", "--format", "gptq", "--allow-lossy"]) == 0
+    rep = json.loads((here / "runs/mu/export-gptq.json").read_text())
+    assert rep["fractional_zero_points"] > 0 and rep["max_abs_logit_diff"] > 0.0
+    one_line_error(capsys, ["export", "run=runs/mu", "--format", "gptq", "--allow-lossy"], "already exists")
+
+
+def test_hf16_export(here):
+    from transformers import AutoModelForCausalLM
+
+    assert main(["export", "run=runs/mu", "--format", "hf16"]) == 0
+    rep = json.loads((here / "runs/mu/export-hf16.json").read_text())
+    assert rep["max_abs_logit_diff"] < 1e-4
+    dense = AutoModelForCausalLM.from_pretrained(str(here / "runs/mu/export-hf16"))
+    merged, _, _ = load_quantized(here / "runs/mu/merged")
+    ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (dense(ids).logits - merged(ids).logits).abs().max().item() < 1e-4
+
+
+def test_export_errors(here, capsys):
+    one_line_error(capsys, ["export", "run=runs/mu", "--format", "gguf"], "GGUF source")
+    one_line_error(capsys, ["export", "run=runs/mu", "--format", "onnx"], "unknown export format")
+    one_line_error(capsys, ["export", "run=runs/mu"], "--format")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -88,7 +89,5 @@ def text_windows(ctx: Context, role: str, section: DictConfig) -> tuple[torch.Te
         if src.tokenizer is None:
             raise LotaqafError("C4 calibration needs a model with a tokenizer")
         windows = textfile.c4_windows(src.tokenizer, section.n_samples, section.seq_len, section.seed)
-    import hashlib
-
     digest = "sha256:" + hashlib.sha256(windows.numpy().tobytes()).hexdigest()
     return windows, digest

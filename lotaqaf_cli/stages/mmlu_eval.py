@@ -123,7 +123,7 @@ def _quiet_libraries():
     try:
         yield
     finally:
-        for lg, lvl in zip(loggers, old):
+        for lg, lvl in zip(loggers, old, strict=True):
             lg.setLevel(lvl)
         if bars:
             datasets.utils.logging.enable_progress_bar()
@@ -290,7 +290,7 @@ def _run_fast(model, tokenizer, source, subjects, num_fewshot, limit, batch_size
             res = score_subject(model, tokenizer, prefix, [mmlu.format_question(q) for q in qs],
                                 mmlu.continuations(), batch_size=batch_size)
             preds[s] = res.predictions
-            correct[s] = [int(p == q.answer) for p, q in zip(res.predictions, qs)]
+            correct[s] = [int(p == q.answer) for p, q in zip(res.predictions, qs, strict=True)]
             adv(len(qs))
     return preds, correct
 

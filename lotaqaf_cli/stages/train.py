@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -135,8 +136,6 @@ def save_checkpoint(run_path: Path, step: int, model, opt, sched, batches) -> No
                     "scheduler": None if sched is None else sched.state_dict(),
                     "data": batches.state_dict(), "rng": _rng_state()}, tmp / "state.pt")
     for old in sorted((run_path / "checkpoints").glob("step_*"))[:-2]:  # keep the newest two
-        import shutil
-
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -157,10 +156,8 @@ def run(ctx: Context) -> None:
 
         quantize.run(ctx)
     examples = training_examples(ctx)
-    pad_id = 0
     tok = ctx.source.tokenizer if ctx.source else None
-    if tok is not None:
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = sft.pad_token_id(tok) if tok is not None else 0
     batches = sft.SFTBatches(examples, o.batch_size, seed=cfg.data.seed, pad_id=pad_id)
 
     model = copy.deepcopy(ctx.quantized)

@@ -16,10 +16,9 @@ STAGES = {
     "train": "run the whole chain the recipe names in `stages` (now: quantize -> train -> ppl)",
     "quantize": "GPTQ-quantize the recipe's model (cached by content)",
     "merge": "merge a trained adapter losslessly into its quantized base",
-    "eval": "evaluate a model (MMLU, perplexity, GSM8K)",
+    "eval": "evaluate a model (MMLU 5-shot via lm-eval or the fast scorer, held-out perplexity)",
     "export": "export a merged model (gptq, gguf, hf16)",
 }
-NOT_YET = {"eval": "the eval stage"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--unmerge", action="store_true", help="merge: restore the base from the merged checkpoint")
     p.add_argument("--format", default=None, help="export: gptq | gguf | hf16")
     p.add_argument("--allow-lossy", action="store_true", help="export: allow a format that changes outputs")
+    p.add_argument("--tasks", default="mmlu", help="eval: comma-separated, from mmlu, ppl, gsm8k")
+    p.add_argument("--model", default=None,
+                   help="eval: 16bit | gptq | adapter | merged (of run=DIR or the newest run) or a model path")
+    p.add_argument("--limit", type=int, default=None, help="eval: questions per MMLU subject")
+    p.add_argument("--engine", default="lm-eval", choices=["lm-eval", "fast"], help="eval: MMLU scorer")
+    p.add_argument("--num-fewshot", type=int, default=5, help="eval: MMLU few-shot examples (0-5)")
+    p.add_argument("--mmlu-source", default="auto", choices=["auto", "hub", "offline"], help="eval: MMLU data")
     return p
 
 
@@ -61,14 +67,19 @@ def _run(args) -> int:
     if args.stage == "recipes":
         _print_recipes()
         return 0
-    if args.stage in ("merge", "export"):
+    if args.stage in ("merge", "export", "eval"):
         run = None
         for ov in args.overrides:
             key, _, value = ov.partition("=")
             if key != "run" or not value:
                 raise LotaqafError(f"{args.stage} takes only run=DIR, got '{ov}'")
             run = value
-        if args.stage == "merge":
+        if args.stage == "eval":
+            from .stages import evaluate
+
+            evaluate.run_eval(run, args.tasks, args.model, args.limit, args.engine, args.num_fewshot,
+                              args.mmlu_source)
+        elif args.stage == "merge":
             from .stages import merge
 
             merge.run_merge(run, verify=args.verify, unmerge=args.unmerge)
@@ -83,8 +94,6 @@ def _run(args) -> int:
     if args.cfg:
         sys.stdout.write(to_yaml(cfg))
         return 0
-    if args.stage in NOT_YET:
-        raise LotaqafError(f"{NOT_YET[args.stage]} is not implemented yet in this version of lotaqaf")
 
     import torch
 
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     try:
         return _run(args)
     except LotaqafError as e:

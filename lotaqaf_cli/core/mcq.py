@@ -158,9 +158,11 @@ def score_subject(model, tokenizer, fewshot_prefix_text: str, questions: Sequenc
         targets.append(per_choice)
 
     need: dict[int, int] = {}                        # row -> how many trailing positions are scored
-    for per_choice in targets:
-        for r, cont in per_choice:
+    users: dict[int, list[tuple[int, int, list[int]]]] = {}   # row -> (question, choice, cont ids)
+    for qi, per_choice in enumerate(targets):
+        for ci, (r, cont) in enumerate(per_choice):
             need[r] = max(need.get(r, 0), len(cont))
+            users.setdefault(r, []).append((qi, ci, cont))
 
     # 2. the shared prefix: common to every cached row and ending before any scored position
     cached = [i for i, r in enumerate(rows) if use_cache and not r.truncated]
@@ -179,7 +181,7 @@ def score_subject(model, tokenizer, fewshot_prefix_text: str, questions: Sequenc
     keep_ok = "logits_to_keep" in inspect.signature(model.forward).parameters
     was_training = model.training
     model.eval()
-    row_logprobs: dict[int, torch.Tensor] = {}      # row -> [n_scored_positions, vocab] (last positions)
+    scores = torch.empty(len(questions), len(choices), dtype=torch.float64)
     tokens_run = 0
     try:
         prefix_cache = None
@@ -198,7 +200,7 @@ def score_subject(model, tokenizer, fewshot_prefix_text: str, questions: Sequenc
             inp = torch.tensor([s + [s[-1]] * (width - len(s)) for s in seqs], device=device)  # right pad
             tokens_run += sum(len(s) for s in seqs)
             # positions whose logits are scored: the last need[i] real positions of each row
-            wanted = sorted({len(s) - 1 - k for s, i in zip(seqs, batch) for k in range(need[i])})
+            wanted = sorted({len(s) - 1 - k for s, i in zip(seqs, batch, strict=True) for k in range(need[i])})
             kwargs = {}
             if cache is not None:
                 c = copy.deepcopy(cache)
@@ -212,9 +214,12 @@ def score_subject(model, tokenizer, fewshot_prefix_text: str, questions: Sequenc
             else:
                 logits = model(input_ids=inp, **kwargs).logits
                 col = {p: p for p in wanted}
-            for b, (s, i) in enumerate(zip(seqs, batch)):
+            for b, (s, i) in enumerate(zip(seqs, batch, strict=True)):
                 cols = [col[len(s) - need[i] + k] for k in range(need[i])]
-                row_logprobs[i] = F.log_softmax(logits[b, cols], dim=-1).float().cpu()
+                logprobs = F.log_softmax(logits[b, cols], dim=-1)     # [need, vocab], model dtype
+                for qi, ci, cont in users[i]:
+                    lp = logprobs[-len(cont):].gather(1, torch.tensor(cont, device=device).unsqueeze(1))
+                    scores[qi, ci] = float(lp.sum())                # summed in the model dtype, as lm-eval
 
         done = 0
         for group, offset, cache in ((cached, plen, prefix_cache), (uncached, 0, None)):
@@ -228,12 +233,7 @@ def score_subject(model, tokenizer, fewshot_prefix_text: str, questions: Sequenc
     finally:
         model.train(was_training)
 
-    # 3. continuation log-likelihoods and predictions
-    scores = torch.empty(len(questions), len(choices), dtype=torch.float64)
-    for qi, per_choice in enumerate(targets):
-        for ci, (r, cont) in enumerate(per_choice):
-            lp = row_logprobs[r][-len(cont):]
-            scores[qi, ci] = float(lp.gather(1, torch.tensor(cont).unsqueeze(1)).sum())
+    # 3. predictions: lm-eval's acc is the argmax of the continuation log-likelihoods
     predictions = [int(torch.argmax(scores[qi])) for qi in range(len(questions))]
     n_trunc = sum(1 for per_choice in targets if any(rows[r].truncated for r, _ in per_choice))
     return SubjectScores(scores, predictions, plen, tokens_run, n_trunc,

@@ -171,7 +171,7 @@ def description(subject: str) -> str:
 
 def format_question(q: Question) -> str:
     """lm-eval's mmlu ``doc_to_text``: the question (stripped), the four options, "Answer:"."""
-    lines = [q.question.strip()] + [f"{L}. {c}" for L, c in zip(LETTERS, q.choices)] + ["Answer:"]
+    lines = [q.question.strip()] + [f"{L}. {c}" for L, c in zip(LETTERS, q.choices, strict=True)] + ["Answer:"]
     return "\n".join(lines)
 
 
@@ -254,7 +254,7 @@ def build_offline_tasks(out_dir: str | Path, path: str | Path | None = None,
     for subject, sp in splits.items():
         test_file, dev_file = out / "data" / f"{subject}.test.jsonl", out / "data" / f"{subject}.dev.jsonl"
         for file, rows in ((test_file, sp.test), (dev_file, sp.fewshot)):
-            _write_if_changed(file, "".join(json.dumps(q.as_doc(), ensure_ascii=False) + "\n" for q in rows))
+            _write_if_changed(file, "".join(json.dumps(q.as_doc()) + "\n" for q in rows))
         _write_if_changed(out / f"{task_name(subject)}.yaml",
                           json.dumps(_task_config(subject, test_file, dev_file), indent=1))
         names.append(task_name(subject))

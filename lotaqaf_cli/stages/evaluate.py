@@ -12,6 +12,7 @@ from rich.table import Table
 
 from .. import ui
 from ..core.perplexity import perplexity
+from ..errors import LotaqafError
 from .common import Context, load_source, text_windows
 
 
@@ -42,3 +43,124 @@ def run_ppl(ctx: Context) -> dict:
     if not ui.quiet():
         ui.console.print(t)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# `lotaqaf eval`: evaluate one model of a run (or a model directory) on MMLU and/or perplexity
+# ---------------------------------------------------------------------------------------------
+
+EVAL_TASKS = ("mmlu", "ppl", "gsm8k")
+RUN_MODELS = ("16bit", "gptq", "adapter", "merged")
+
+
+def _load_for_eval(model_sel: str | None, run_dir):
+    """(model, tokenizer, label) for a run keyword (16bit | gptq | adapter | merged) or a path."""
+    import json as _json
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from ..io.checkpoint import load_quantized
+    from ..io.models import load_model
+    from .merge import load_adapted
+
+    sel = model_sel or "merged"
+    if sel not in RUN_MODELS:
+        p = Path(sel)
+        if not p.exists():
+            raise LotaqafError(f"--model {sel}: no such path (or use one of {', '.join(RUN_MODELS)} with run=DIR)")
+        if p.is_dir() and not ((p / "quantize_config.json").is_file() or (p / "config.json").is_file()):
+            raise LotaqafError(f"--model {sel} is not a model directory (no config.json or quantize_config.json)")
+        lm = load_model(str(p))
+        return lm.model, lm.tokenizer, p.name, None
+    if run_dir is None:
+        raise LotaqafError(f"--model {sel} needs a run: give run=DIR or train one first")
+    cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
+    if sel == "16bit":
+        lm = load_model(cfg.model.path, cfg.model.dtype)
+        return lm.model, lm.tokenizer, "16bit", cfg
+    if sel == "gptq":
+        q = Path(run_dir) / "quantize.json"
+        if not q.is_file():
+            raise LotaqafError(f"run {run_dir} has no quantized base (quantize.json)")
+        model, tok, _ = load_quantized(_json.loads(q.read_text())["checkpoint"])
+        return model, tok, "gptq", cfg
+    if sel == "adapter":
+        _cfg, _base, model, tok, *_ = load_adapted(Path(run_dir))
+        return model, tok, "adapter", cfg
+    merged = Path(run_dir) / "merged"
+    if not (merged / "quantize_config.json").is_file():
+        raise LotaqafError(f"run {run_dir} has no merged model: run `lotaqaf merge run={run_dir}` first")
+    model, tok, _ = load_quantized(merged)
+    return model, tok, "merged", cfg
+
+
+def run_eval(run: str | None, tasks: str, model_sel: str | None, limit: int | None, engine: str,
+             num_fewshot: int, mmlu_source: str = "auto") -> dict:
+    """Evaluate and write eval-<model>.json / .md into the run directory (or ./evals)."""
+    from pathlib import Path
+
+    import torch
+
+    from ..io.checkpoint import write_json_atomic, write_text_atomic
+    from .merge import find_run, heldout_windows
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    bad = [t for t in names if t not in EVAL_TASKS]
+    if bad or not names:
+        raise LotaqafError(f"unknown task '{bad[0] if bad else tasks}'; valid: {', '.join(EVAL_TASKS)}")
+    if limit is not None and limit <= 0:
+        raise LotaqafError(f"--limit must be a positive number of questions per subject, got {limit}")
+    if "gsm8k" in names:
+        from ..io.models import hub_reachable
+
+        if not hub_reachable():
+            raise LotaqafError("gsm8k needs the Hugging Face hub (openai/gsm8k), which is unreachable; "
+                               "offline, evaluate mmlu or ppl")
+        raise LotaqafError("gsm8k evaluation is not implemented yet in this version of lotaqaf")
+    run_dir = None
+    if run or (model_sel in RUN_MODELS or model_sel is None):
+        run_dir = find_run(run) if run else _newest_run()
+    model, tok, label, cfg = _load_for_eval(model_sel, run_dir)
+    model.eval()
+    torch.set_grad_enabled(False)
+    out: dict = {"model": label, "run": None if run_dir is None else str(run_dir)}
+    if "mmlu" in names:
+        from .mmlu_eval import evaluate_mmlu, results_markdown, results_table
+
+        res = evaluate_mmlu(model, tok, source=mmlu_source, num_fewshot=num_fewshot, limit=limit, engine=engine)
+        out["mmlu"] = res
+        if not ui.quiet():
+            ui.console.print(results_table(res))
+        out["mmlu_markdown"] = results_markdown(res)
+    if "ppl" in names:
+        windows = heldout_windows(cfg, _base_info(run_dir)) if cfg is not None else None
+        if windows is None:
+            raise LotaqafError("ppl needs the run's held-out text (run `lotaqaf train` with the ppl stage first)")
+        ppl, n_tok = perplexity(model, windows)
+        out["ppl"] = {"ppl": ppl, "tokens": n_tok}
+        ui.say(f"held-out perplexity of {label}: {ppl:.4f} over {n_tok} tokens")
+    dest = Path(run_dir) if run_dir is not None else Path("evals")
+    dest.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(dest / f"eval-{label}.json", {k: v for k, v in out.items() if k != "mmlu_markdown"})
+    if "mmlu_markdown" in out:
+        write_text_atomic(dest / f"eval-{label}.md", out["mmlu_markdown"])
+    ui.say(f"results: {dest / f'eval-{label}.json'}")
+    return out
+
+
+def _newest_run():
+    from pathlib import Path
+
+    runs = sorted(Path("runs").glob("*/*/config.yaml"), key=lambda f: f.stat().st_mtime)
+    if not runs:
+        raise LotaqafError("no run under runs/ (train one first, or pass --model PATH)")
+    return runs[-1].parent
+
+
+def _base_info(run_dir) -> dict:
+    import json as _json
+    from pathlib import Path
+
+    q = _json.loads((Path(run_dir) / "quantize.json").read_text())
+    return {"quantize_config": _json.loads((Path(q["checkpoint"]) / "quantize_config.json").read_text())}

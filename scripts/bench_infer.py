@@ -80,7 +80,7 @@ def main():
     g = torch.Generator().manual_seed(1)
     prompts = {b: torch.randint(100, 40000, (b, args.prompt_len), generator=g) for b in (1, 8)}
     res = {}
-    for name, m in models.items():  # warm-up
+    for m in models.values():  # warm-up
         gen_tps(m, prompts[1], 4, 1)
     for name, m in models.items():
         res[name] = {f"tok/s b{b}": gen_tps(m, prompts[b], args.new_tokens, args.reps) for b in (1, 8)}

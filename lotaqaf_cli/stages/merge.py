@@ -164,7 +164,7 @@ def run_merge(run: str | None, verify: bool = True, unmerge: bool = False) -> di
     write_json_atomic(run_dir / "merge_certificate.json", cert)
     ui.say(f"merged {meta['kind']} adapter into {out_dir}: max |logit diff| = {diff:g}"
            + (f" (from disk: {cert.get('max_abs_logit_diff_from_disk'):g})" if verify else "")
-           + (f", {cert['codes']['changed_frac']:.3%} of codes changed" if layers else ""))
+           + (f", {cert['codes']['changed_frac']:.3g} of codes changed" if layers else ""))
     if "perplexity" in cert:
         p = cert["perplexity"]
         ui.say(f"held-out perplexity: adapter {p['adapter']:.4f}, merged {p['merged']:.4f}")

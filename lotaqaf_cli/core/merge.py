@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .lora import LoRALinear, QALoRALinear
-from .qlinear import QuantLinear
+from .qlinear import QuantLinear, replace_module
 from .quant import max_code, rtn_quantize
 from .ternary import TernaryLinear, merged_zeros
 
@@ -49,9 +49,6 @@ def unmerge_layer(merged: QuantLinear, markers: torch.Tensor, int_zeros: torch.T
                                       merged.bits, merged.group_size, merged.bias)
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    owner, _, child = name.rpartition(".")
-    setattr(model.get_submodule(owner) if owner else model, child, module)
 
 
 @torch.no_grad()
@@ -60,7 +57,7 @@ def merge_model(model: nn.Module) -> dict[str, MergedLayer]:
     out = {}
     for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, TernaryLinear)]:
         out[name] = merge_ternary(m)
-        _replace(model, name, out[name].layer)
+        replace_module(model, name, out[name].layer)
     return out
 
 
@@ -81,5 +78,5 @@ def requantize_lora(layer: LoRALinear) -> QuantLinear:
 def merge_lora_model(model: nn.Module) -> list[str]:
     names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     for n in names:
-        _replace(model, n, requantize_lora(model.get_submodule(n)))
+        replace_module(model, n, requantize_lora(model.get_submodule(n)))
     return names

@@ -25,6 +25,12 @@ def linear_in_major(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None)
     return y.view(*x.shape[:-1], w.shape[1])
 
 
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``name`` inside ``root``."""
+    owner, _, child = name.rpartition(".")
+    setattr(root.get_submodule(owner) if owner else root, child, module)
+
+
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False):
         super().__init__()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .gptq import HessianAccumulator, gptq_quantize, output_error
-from .qlinear import QuantLinear
+from .qlinear import QuantLinear, replace_module
 from .quant import dequantize, rtn_quantize
 
 # True-sequential order inside a Llama/Qwen2 decoder layer.
@@ -56,9 +56,6 @@ def check_group_size(model: nn.Module, group_size: int) -> str | None:
     return None
 
 
-def _set_child(parent: nn.Module, dotted: str, module: nn.Module) -> None:
-    owner_name, _, child = dotted.rpartition(".")
-    setattr(parent.get_submodule(owner_name) if owner_name else parent, child, module)
 
 
 def _call_layer(layer, hidden, kwargs):
@@ -138,7 +135,7 @@ def quantize_model(model: nn.Module, batches: list[torch.Tensor], *, bits: int, 
                 q_w = q.dequantize().t().to(W.device)
                 stats.append(LayerStat(f"model.layers.{li}.{n}", n.rsplit(".", 1)[-1],
                                        output_error(W, q_w, H), output_error(W, rtn_w, H)))
-                _set_child(layer, n, q.to(device))
+                replace_module(layer, n, q.to(device))
                 del acc[n]
         inputs = [(_call_layer(layer, hidden, kw), kw) for hidden, kw in inputs]
         if progress:

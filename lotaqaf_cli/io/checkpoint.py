@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..core.qlinear import QuantLinear
+from ..core.qlinear import QuantLinear, replace_module
 from ..core.quant import pack_rows, pack_zeros_v1, unpack_rows, unpack_zeros_v1
 from ..errors import LotaqafError
 from .models import file_sha256
@@ -173,9 +173,6 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise LotaqafError(f"cannot read {path}: corrupted or truncated safetensors file ({str(e)[:120]})") from None
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
@@ -223,7 +220,7 @@ def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float
             g_idx = torch.arange(d_in, dtype=torch.int32) // (d_in if group_size <= 0 else group_size)
         codes = unpack_rows(qweight, bits, d_in)
         zeros = unpack_zeros_v1(qzeros, bits, d_out).float() if zero_points is None else zero_points.float()
-        _set_module(model, name, QuantLinear.from_quantized(codes, scales, zeros, g_idx, bits, group_size,
+        replace_module(model, name, QuantLinear.from_quantized(codes, scales, zeros, g_idx, bits, group_size,
                                                             None if bias is None else bias.float()))
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
     quant_buffers = {f"{n}.{b}" for n in names for b in ("codes", "scales", "zeros", "g_idx", "bias")}

@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import ui
 from ..core.perplexity import perplexity
-from ..core.qlinear import QuantLinear
+from ..core.qlinear import QuantLinear, replace_module
 from ..errors import LotaqafError
 from ..io.checkpoint import atomic_dir, load_quantized, quantized_modules, save_quantized, write_json_atomic
 from .merge import find_run, heldout_windows, probe_batch
@@ -28,9 +28,6 @@ from .merge import find_run, heldout_windows, probe_batch
 FORMATS = ("gptq", "gguf", "hf16")
 
 
-def _replace(model, name, module):
-    owner, _, child = name.rpartition(".")
-    setattr(model.get_submodule(owner) if owner else model, child, module)
 
 
 def dequantized_model(model: nn.Module, dtype=torch.float32) -> nn.Module:
@@ -42,7 +39,7 @@ def dequantized_model(model: nn.Module, dtype=torch.float32) -> nn.Module:
             lin.weight.copy_(q.dequantize(torch.float32).t())
             if q.bias is not None:
                 lin.bias.copy_(q.bias)
-        _replace(out, name, lin)
+        replace_module(out, name, lin)
     return out
 
 
@@ -53,7 +50,7 @@ def rounded_zero_model(model: nn.Module) -> tuple[nn.Module, int]:
     for name, q in quantized_modules(out).items():
         z = q.zeros.round().clamp(0, (1 << q.bits) - 1)
         n_frac += int((z != q.zeros).sum())
-        _replace(out, name, QuantLinear.from_quantized(q.codes, q.scales, z, q.g_idx, q.bits, q.group_size, q.bias))
+        replace_module(out, name, QuantLinear.from_quantized(q.codes, q.scales, z, q.g_idx, q.bits, q.group_size, q.bias))
     return out, n_frac
 
 

@@ -13,7 +13,7 @@ import sys
 from .errors import LotaqafError
 
 STAGES = {
-    "train": "run the whole chain the recipe names in `stages` (now: quantize -> train -> ppl)",
+    "train": "run the chain the recipe names in `stages` (quantize -> train -> ppl -> merge -> eval)",
     "quantize": "GPTQ-quantize the recipe's model (cached by content)",
     "merge": "merge a trained adapter losslessly into its quantized base",
     "eval": "evaluate a model (MMLU 5-shot via lm-eval or the fast scorer, held-out perplexity)",
@@ -99,7 +99,7 @@ def _run(args) -> int:
 
     from . import ui
     from .io.rundir import RunDir
-    from .stages import evaluate, quantize, train
+    from .stages import evaluate, merge, quantize, train
     from .stages.common import Context
 
     if torch.get_num_threads() > (os.cpu_count() or 1):
@@ -109,7 +109,8 @@ def _run(args) -> int:
     torch.manual_seed(cfg.seed)
     ctx = Context(cfg=cfg, run=RunDir(cfg))
     stages = ["quantize"] if args.stage == "quantize" else list(cfg.stages)
-    available = {"quantize": quantize.run, "train": train.run, "ppl": evaluate.run_ppl}
+    available = {"quantize": quantize.run, "train": train.run, "ppl": evaluate.run_ppl,
+                 "merge": merge.run_in_chain, "eval": evaluate.run_in_chain}
     for name in stages:
         if name not in available:
             ui.say(f"[yellow]stage '{name}' is not implemented yet: skipped[/yellow]")

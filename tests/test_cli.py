@@ -82,8 +82,8 @@ def test_hub_id_offline(capsys, in_tmp, monkeypatch):
     assert_user_error(capsys, in_tmp, ["quantize", "recipe=llama3_mmlu"], "recipe=smollm2_mmlu")
 
 
-def test_stage_not_implemented(capsys, in_tmp):
-    assert_user_error(capsys, in_tmp, ["export", "recipe=smoke"], "not implemented yet")
+def test_run_stages_take_only_a_run(capsys, in_tmp):
+    assert_user_error(capsys, in_tmp, ["export", "recipe=smoke"], "export takes only run=DIR")
 
 
 def test_smoke_chain_and_reuse(capsys, in_tmp):

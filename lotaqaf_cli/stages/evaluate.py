@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 from rich.table import Table
 
 from .. import ui
@@ -95,12 +96,11 @@ def _load_for_eval(model_sel: str | None, run_dir):
     return model, tok, "merged", cfg
 
 
+@torch.no_grad()
 def run_eval(run: str | None, tasks: str, model_sel: str | None, limit: int | None, engine: str,
              num_fewshot: int, mmlu_source: str = "auto") -> dict:
     """Evaluate and write eval-<model>.json / .md into the run directory (or ./evals)."""
     from pathlib import Path
-
-    import torch
 
     from ..io.checkpoint import write_json_atomic, write_text_atomic
     from .merge import find_run, heldout_windows
@@ -123,7 +123,6 @@ def run_eval(run: str | None, tasks: str, model_sel: str | None, limit: int | No
         run_dir = find_run(run) if run else _newest_run()
     model, tok, label, cfg = _load_for_eval(model_sel, run_dir)
     model.eval()
-    torch.set_grad_enabled(False)
     out: dict = {"model": label, "run": None if run_dir is None else str(run_dir)}
     if "mmlu" in names:
         from .mmlu_eval import evaluate_mmlu, results_markdown, results_table
@@ -164,3 +163,17 @@ def _base_info(run_dir) -> dict:
 
     q = _json.loads((Path(run_dir) / "quantize.json").read_text())
     return {"quantize_config": _json.loads((Path(q["checkpoint"]) / "quantize_config.json").read_text())}
+
+
+def run_in_chain(ctx) -> None:
+    """The `eval` step of `lotaqaf train`: the recipe's eval tasks on the merged LoTA model (or, for
+    the LoRA baselines, the adapter model, whose merge is lossy)."""
+    cfg = ctx.cfg
+    tok = ctx.source.tokenizer if ctx.source is not None else None
+    tasks = [t for t in cfg.eval.tasks if t != "mmlu" or tok is not None]
+    if not tasks:
+        ui.say("eval: this model has no tokenizer: MMLU skipped")
+        return
+    which = "merged" if cfg.adapter.name == "lota" and (ctx.run.path / "merged").is_dir() else "adapter"
+    run_eval(str(ctx.run.path), ",".join(tasks), which, cfg.eval.limit, cfg.eval.engine, cfg.eval.num_fewshot,
+             cfg.eval.mmlu_source)

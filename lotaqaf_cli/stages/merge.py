@@ -104,7 +104,6 @@ def heldout_windows(cfg, base_info) -> torch.Tensor | None:
 
 @torch.no_grad()
 def run_merge(run: str | None, verify: bool = True, unmerge: bool = False) -> dict:
-    torch.set_grad_enabled(False)
     run_dir = find_run(run)
     if unmerge:
         return run_unmerge(run_dir)
@@ -200,3 +199,11 @@ def run_unmerge(run_dir: Path) -> dict:
     if not result["identical"]:
         raise LotaqafError("unmerge did not restore the base exactly")
     return result
+
+
+def run_in_chain(ctx) -> None:
+    """The `merge` step of `lotaqaf train`: merge this run's adapter (once)."""
+    if (ctx.run.path / "merge_certificate.json").is_file() and (ctx.run.path / "merged").is_dir():
+        ui.say("merged model already present: skipped")
+        return
+    run_merge(str(ctx.run.path))

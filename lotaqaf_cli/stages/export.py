@@ -108,8 +108,13 @@ def run_export(run: str | None, fmt: str, allow_lossy: bool = False) -> dict:
         from ..io.gguf_export import export_gguf
 
         source = cfg.model.path
+        from transformers import AutoModelForCausalLM
+
         with atomic_dir(out_dir) as tmp:
             report.update(export_gguf(model, source, tmp / "model.gguf", allow_lossy=allow_lossy))
+            with ui.status("reading the GGUF file back with transformers ..."):
+                back = AutoModelForCausalLM.from_pretrained(str(tmp), gguf_file="model.gguf", dtype=torch.float32)
+            report.update(compare(model, back.eval(), cfg, info))  # what an engine reading the file computes
     write_json_atomic(run_dir / f"export-{fmt}.json", report)
     ui.say(f"exported {fmt} to {out_dir}: " + json.dumps({k: v for k, v in report.items()
                                                           if k in ("max_abs_logit_diff", "perplexity",

@@ -31,17 +31,23 @@ def test_prompt_roles_are_disjoint():
 
 
 def test_gptq_beats_rtn_on_smollm2_layers(smollm2):
-    """GPTQ's per-layer output error is never above round-to-nearest's on SmolLM2 (first 3 layers)."""
+    """GPTQ's per-layer output error is never above round-to-nearest's on SmolLM2 (first 2 layers)."""
     import copy
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # GPTQ's column loop is many small ops: one thread is faster on 2 cores
+
     model = copy.deepcopy(smollm2.model)
-    model.model.layers = model.model.layers[:3]
-    model.config.num_hidden_layers = 3
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
     # real text, tokenized (sampling from the model would cost minutes on a loaded 2-core machine)
     ids = smollm2.tokenizer(" ".join(prompts_for("calib", 0)))["input_ids"]
     windows = torch.tensor(ids[: 4 * 64]).view(4, 64)
-    stats = quantize_model(model, list(windows.split(2)), bits=3, group_size=64)
-    assert len(stats) == 21
+    try:
+        stats = quantize_model(model, list(windows.split(2)), bits=3, group_size=64)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(stats) == 14
     for s in stats:
         assert s.gptq_error <= s.rtn_error, s
     assert sum(s.gptq_error for s in stats) < 0.8 * sum(s.rtn_error for s in stats)

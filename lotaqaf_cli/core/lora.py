@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from .qlinear import QuantLinear
+from .qlinear import QuantLinear, replace_module
 
 
 class LoRALinear(nn.Module):
@@ -80,7 +80,5 @@ def attach_lora(model: nn.Module, kind: str, rank: int, alpha: float, dropout: f
     names = [n for n, m in model.named_modules()
              if isinstance(m, QuantLinear) and n.rsplit(".", 1)[-1] in target_modules]
     for n in names:
-        owner, _, child = n.rpartition(".")
-        parent = model.get_submodule(owner)
-        setattr(parent, child, cls(getattr(parent, child), rank, alpha, dropout, dtype))
+        replace_module(model, n, cls(model.get_submodule(n), rank, alpha, dropout, dtype))
     return names

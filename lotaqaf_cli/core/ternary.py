@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .qlinear import QuantLinear, linear_in_major
+from .qlinear import QuantLinear, linear_in_major, replace_module
 from .quant import dequantize, max_code
 
 GRANULARITIES = ("group", "channel", "tensor", "none")
@@ -388,8 +388,6 @@ def attach_ternary_adapters(model: nn.Module, rank: int, omega: float, offset_gr
     names = [n for n, m in model.named_modules()
              if isinstance(m, QuantLinear) and any(n == t or n.endswith("." + t) for t in targets)]
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        base = getattr(parent, child)
-        setattr(parent, child, TernaryLinear(base, rank, omega, offset_granularity, generator=generator))
+        base = model.get_submodule(name)
+        replace_module(model, name, TernaryLinear(base, rank, omega, offset_granularity, generator=generator))
     return names

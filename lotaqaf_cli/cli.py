@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="eval: questions per MMLU subject")
     p.add_argument("--engine", default="lm-eval", choices=["lm-eval", "fast"], help="eval: MMLU scorer")
     p.add_argument("--num-fewshot", type=int, default=5, help="eval: MMLU few-shot examples (0-5)")
+    p.add_argument("--gsm8k-file", default=None,
+                   help="eval: a local GSM8K-style JSONL (question, answer) instead of openai/gsm8k from the hub")
     p.add_argument("--mmlu-source", default="auto", choices=["auto", "hub", "offline"], help="eval: MMLU data")
     return p
 
@@ -78,7 +80,7 @@ def _run(args) -> int:
             from .stages import evaluate
 
             evaluate.run_eval(run, args.tasks, args.model, args.limit, args.engine, args.num_fewshot,
-                              args.mmlu_source)
+                              args.mmlu_source, gsm8k_file=args.gsm8k_file)
         elif args.stage == "merge":
             from .stages import merge
 

@@ -49,44 +49,54 @@ def build(args):
 
 
 @torch.no_grad()
-def gen_tps(model, ids, new_tokens, reps):
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
-        ts.append(time.perf_counter() - t0)
-    return ids.shape[0] * new_tokens / statistics.median(ts)
+def gen_s(model, ids, new_tokens):
+    t0 = time.perf_counter()
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+    return time.perf_counter() - t0
 
 
 @torch.no_grad()
-def prefill_s(model, ids, reps):
-    ts = []
+def prefill_s(model, ids):
+    t0 = time.perf_counter()
+    model(input_ids=ids, use_cache=False)
+    return time.perf_counter() - t0
+
+
+def measure(models, prompts, prefill_ids, new_tokens, reps):
+    """Interleaved: each repetition times every model once per measurement, so slow drifts of the
+    machine (other processes, frequency) hit a, b and c alike; medians over the repetitions."""
+    times = {name: {"b1": [], "b8": [], "prefill": []} for name in models}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        model(input_ids=ids, use_cache=False)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+        for key, run in (("b1", lambda m: gen_s(m, prompts[1], new_tokens)),
+                         ("b8", lambda m: gen_s(m, prompts[8], new_tokens)),
+                         ("prefill", lambda m: prefill_s(m, prefill_ids))):
+            for name, m in models.items():
+                times[name][key].append(run(m))
+    res = {}
+    for name, t in times.items():
+        res[name] = {"tok/s b1": new_tokens / statistics.median(t["b1"]),
+                     "tok/s b8": 8 * new_tokens / statistics.median(t["b8"]),
+                     "prefill s (8x512)": statistics.median(t["prefill"])}
+    return res
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(2)
     models, _tok = build(args)
     g = torch.Generator().manual_seed(1)
     prompts = {b: torch.randint(100, 40000, (b, args.prompt_len), generator=g) for b in (1, 8)}
-    res = {}
     for m in models.values():  # warm-up
-        gen_tps(m, prompts[1], 4, 1)
-    for name, m in models.items():
-        res[name] = {f"tok/s b{b}": gen_tps(m, prompts[b], args.new_tokens, args.reps) for b in (1, 8)}
-        res[name]["prefill s (8x512)"] = prefill_s(m, torch.randint(100, 40000, (8, 512), generator=g), args.reps)
+        gen_s(m, prompts[1], 4)
+    prefill_ids = torch.randint(100, 40000, (8, 512), generator=g)
+    res = measure(models, prompts, prefill_ids, args.new_tokens, args.reps)
     print(f"SmolLM2-135M RTN INT4 g64, CPU {torch.get_num_threads()} threads, greedy, {args.new_tokens} new tokens, "
-          f"prompt {args.prompt_len}, median of {args.reps}")
+          f"prompt {args.prompt_len}, median of {args.reps} interleaved repetitions")
     for name, r in res.items():
         print(f"  {name:15s} " + "  ".join(f"{k} {v:8.2f}" for k, v in r.items()))
     a, b, c = (res[k] for k in models)

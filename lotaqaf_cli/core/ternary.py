@@ -222,23 +222,27 @@ def check_hparams(rank: int, omega: float, granularity: str = "group") -> None:
 
 
 class _TernaryLinearFn(torch.autograd.Function):
-    """y = x @ W_eff + bias. Saves only x, A_T, B_T; W_eff is rebuilt in backward if grad_x is needed."""
+    """y = x @ W_eff + bias. Saves x, A_T, B_T and the sparse markers and mu of the forward (small:
+    the non-zero markers and a [G, D_out] tensor); the dense W_eff is rebuilt from them in backward
+    when grad_x is needed, never kept alive in between."""
 
     @staticmethod
     def forward(ctx, x, A_T, B_T, layer):
-        ctx.layer = layer
-        ctx.save_for_backward(x, A_T, B_T)
-        return linear_in_major(x, layer._effective(A_T, B_T).to(x.dtype), layer.base.bias)
+        idx, val, mu, blocked = layer._markers_mu(A_T, B_T)
+        layer._record_marker_counts(val, blocked)
+        ctx.layer, ctx.mu = layer, mu
+        ctx.save_for_backward(x, A_T, B_T, idx, val)
+        return linear_in_major(x, layer._weight(idx, val, mu).to(x.dtype), layer.base.bias)
 
     @staticmethod
     def backward(ctx, dy):
-        x, A_T, B_T = ctx.saved_tensors
+        x, A_T, B_T, idx, val = ctx.saved_tensors
         layer = ctx.layer
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         dy2 = dy.reshape(-1, dy.shape[-1])
         grad_x = grad_a = grad_b = None
         if need_x:
-            w = layer._effective(A_T, B_T).to(dy.dtype)
+            w = layer._weight(idx, val, ctx.mu).to(dy.dtype)
             grad_x = (dy2 @ w.t()).view(x.shape)
         if need_a or need_b:
             x2 = x.reshape(-1, x.shape[-1])
@@ -274,6 +278,7 @@ class TernaryLinear(nn.Module):
         self.register_buffer("can_up_bits", torch.empty(0, dtype=torch.uint8, device=dev), persistent=False)
         self.register_buffer("can_down_bits", torch.empty(0, dtype=torch.uint8, device=dev), persistent=False)
         self.register_buffer("group_counts", torch.empty(0, dtype=torch.int64, device=dev), persistent=False)
+        self.last_marker_counts: dict | None = None
         self.refresh_boundary()
         # Loading new codes (e.g. a checkpoint) into the base refreshes the derived masks.
         self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_boundary())
@@ -314,17 +319,23 @@ class TernaryLinear(nn.Module):
         return idx, val, mu, blocked
 
     def _effective(self, A_T, B_T) -> torch.Tensor:
-        """W_eff fp32 [D_in, D_out] = s[g] * ((W_int + W_hat) - (z - mu)[g]).
-
-        Computed with exactly the operations of the merged layer (integer codes W_int + W_hat, then
-        quant.dequantize with zero points z - mu), so merging changes no output bit.
-        """
-        base = self.base
+        """W_eff fp32 [D_in, D_out] = s[g] * ((W_int + W_hat) - (z - mu)[g])."""
         idx, val, mu, _ = self._markers_mu(A_T, B_T)
+        return self._weight(idx, val, mu)
+
+    def _weight(self, idx, val, mu) -> torch.Tensor:
+        """W_eff from sparse markers and mu, computed with exactly the operations of the merged layer
+        (integer codes W_int + W_hat, then quant.dequantize with zero points z - mu), so merging
+        changes no output bit."""
+        base = self.base
         codes = base.codes.to(torch.float32)
         if idx.numel():
             codes.view(-1).index_add_(0, idx, val.to(torch.float32))  # integers: exact
         return dequantize(codes, base.scales.float(), merged_zeros(base.zeros, mu), base.g_idx)
+
+    def _record_marker_counts(self, val, blocked) -> None:
+        """Counts of the markers of the latest forward (0-d tensors: no host sync in the forward)."""
+        self.last_marker_counts = {"plus": (val > 0).sum(), "nonzero": val.numel(), "blocked": blocked}
 
     def _grad_dW(self, g: torch.Tensor) -> torch.Tensor:
         """dL/d dW from G = x^T dy (fp32, overwritten): H + (sum of H over the mean's set) / (omega * n),

@@ -270,11 +270,11 @@ def adapter_metrics(model, opt) -> dict:
                    moved=st.get("moved_total"), guard=st.get("guard"))
         tot = nz = blocked = 0
         for m in adapter_layers(model).values():
-            if isinstance(m, TernaryLinear):
-                s = m.marker_stats()
-                tot += s["total"]
-                nz += s["plus"] + s["minus"]
-                blocked += s["blocked"]
+            if isinstance(m, TernaryLinear):  # markers as used in this step's forward pass
+                c = m.last_marker_counts if m.last_marker_counts is not None else m.marker_stats()
+                tot += m.base.codes.numel()
+                nz += int(c["nonzero"]) if "nonzero" in c else c["plus"] + c["minus"]
+                blocked += int(c["blocked"])
         out.update(markers_nonzero=nz / tot, blocked=blocked / tot)
     else:
         out["lr"] = opt.param_groups[0]["lr"]

@@ -10,25 +10,12 @@ Prints, with ratios:
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
+from benchutil import median_time  # scripts/ is on sys.path when a script runs
 
 from lotaqaf_cli.core.gptq import gptq_quantize
 from lotaqaf_cli.core.qlinear import QuantLinear
 from lotaqaf_cli.core.quant import pack_rows, rtn_quantize
-
-
-def median_time(fn, reps=10, warmup=2):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def python_pack_column(codes: list[int], bits: int) -> list[int]:

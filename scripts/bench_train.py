@@ -3,11 +3,15 @@ in one process.
 
     .venv/bin/python scripts/bench_train.py                 # SmolLM2-135M, RTN 4-bit g64 base
     .venv/bin/python scripts/bench_train.py --layers 6      # only the first 6 decoder layers (quicker)
+    .venv/bin/python scripts/bench_train.py --breakdown     # also: where the time of a step goes
 
 For each method: attach adapters to a copy of the same quantized base, run warm-up steps, then
 time forward + backward + optimizer step (median), and measure peak memory during the timed steps
 (CPU: peak RSS above the RSS before the steps, via /proc/self/status VmHWM reset through
 /proc/self/clear_refs; CUDA: torch.cuda.max_memory_allocated). Prints the ratios lota/lora.
+
+--breakdown times each part of the adapter layers' work in isolation, on the model's own layer
+shapes and token count, summed over all adapted layers: seconds per step for lota and lora.
 """
 
 from __future__ import annotations
@@ -16,13 +20,16 @@ import argparse
 import copy
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
+from benchutil import median_time  # scripts/ is on sys.path when a script runs
 
 from lotaqaf_cli.core.lora import attach_lora
+from lotaqaf_cli.core.qlinear import QuantLinear
 from lotaqaf_cli.core.quantize_model import quantize_model
-from lotaqaf_cli.core.ternary import attach_ternary_adapters
+from lotaqaf_cli.core.ternary import TernaryLinear, attach_ternary_adapters
 from lotaqaf_cli.core.tsignsgd import TSignSGD
 from lotaqaf_cli.io.models import load_model
 
@@ -88,6 +95,58 @@ def bench(base, method: str, batch: dict, steps: int, warmup: int) -> dict:
     return out
 
 
+@torch.no_grad()
+def breakdown(base, tokens: int) -> dict[str, tuple[float, float]]:
+    """{component: (lota seconds per step, lora seconds per step)} summed over the adapted layers.
+
+    lota's layer (core/ternary.py) dequantizes twice (forward, and backward to rebuild W_eff for the
+    input gradient), forms A_T @ B_T once per forward, and needs the full weight gradient G = x^T dy
+    for the straight-through estimator; LoRA's frozen base dequantizes once (autograd keeps W) and
+    its gradient only flows through the rank-r bottleneck."""
+    layers = {}
+    for m in base.modules():
+        if isinstance(m, QuantLinear):
+            layers.setdefault((m.in_features, m.out_features), m)
+    counts = Counter((m.in_features, m.out_features) for m in base.modules() if isinstance(m, QuantLinear))
+    g = torch.Generator().manual_seed(0)
+    out: dict[str, list[float]] = {}
+
+    def add(name, lota_s, lora_s, n):
+        acc = out.setdefault(name, [0.0, 0.0])
+        acc[0] += lota_s * n
+        acc[1] += lora_s * n
+
+    for shape, layer in layers.items():
+        n = counts[shape]
+        d_in, d_out = shape
+        ta = TernaryLinear(copy.deepcopy(layer), 64, 48, generator=g)
+        ta.B_T.copy_(torch.randint(-1, 2, ta.B_T.shape, generator=g).float())
+        x, dy = torch.randn(tokens, d_in, generator=g), torch.randn(tokens, d_out, generator=g)
+        w = layer.dequantize()
+        A, B = torch.randn(d_in, 16, generator=g), torch.randn(16, d_out, generator=g)
+        t_dq = median_time(layer.dequantize)
+        add("forward x @ W", median_time(lambda: x @ w), median_time(lambda: x @ w), n)  # noqa: B023
+        add("input gradient dy @ W^T", median_time(lambda: dy @ w.t()), median_time(lambda: dy @ w.t()), n)  # noqa: B023
+        add("dequantize W (lota 2x, lora 1x)", 2 * t_dq, t_dq, n)
+        add("markers + offset factor (A_T @ B_T)", median_time(lambda: ta._markers_mu(ta.A_T, ta.B_T)), 0.0, n)  # noqa: B023
+        add("weight gradient G = x^T dy", median_time(lambda: x.t() @ dy), 0.0, n)  # noqa: B023
+        G = x.t() @ dy
+
+        def st_grads():
+            gd = ta._grad_dW(G.clone())  # noqa: B023
+            return gd @ ta.B_T.t(), ta.A_T.t() @ gd  # noqa: B023
+
+        add("straight-through scaling + grads of A_T, B_T", median_time(st_grads), 0.0, n)
+
+        def lora_path():
+            h = x @ A  # noqa: B023
+            dh = dy @ B.t()  # noqa: B023
+            return h @ B, h.t() @ dy, x.t() @ dh, dh @ A.t()  # noqa: B023
+
+        add("LoRA path (x A B and its gradients)", 0.0, median_time(lora_path), n)
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=0, help="keep only the first N decoder layers (0 = all)")
@@ -95,6 +154,7 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--breakdown", action="store_true", help="also time each part of the adapter layers")
     args = ap.parse_args()
     torch.set_num_threads(2)
     src = load_model("embedded:smollm2")
@@ -119,6 +179,17 @@ def main():
     print(f"lota/lora: time {lota['median_s'] / lo['median_s']:.2f}x, memory "
           f"{lota['peak_mb'] / max(lo['peak_mb'], 1e-9):.2f}x  (paper's implementation: 1.14-1.25x time, "
           f"1.03-1.06x memory)")
+    if args.breakdown:
+        parts = breakdown(base, args.batch * args.seq)
+        print(f"where a step's adapter-layer time goes (isolated ops, {args.batch * args.seq} tokens, "
+              "summed over the adapted layers, seconds):")
+        print(f"  {'component':48s} {'lota':>7s} {'lora':>7s}")
+        for k, (a, b) in parts.items():
+            print(f"  {k:48s} {a:7.3f} {b:7.3f}")
+        ta, tb = sum(a for a, _ in parts.values()), sum(b for _, b in parts.values())
+        print(f"  {'sum':48s} {ta:7.3f} {tb:7.3f}")
+        print(f"  {'rest of the step (attention, norms, lm_head, loss, optimizer)':48s} "
+              f"{lota['median_s'] - ta:7.3f} {lo['median_s'] - tb:7.3f}")
 
 
 if __name__ == "__main__":

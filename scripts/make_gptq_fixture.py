@@ -142,17 +142,8 @@ def reference_input(vocab_size: int) -> torch.Tensor:
 # gptqmodel load + dequant
 # --------------------------------------------------------------------------------------------
 def _scales_dtype(ckpt: Path) -> torch.dtype:
-    from safetensors import safe_open
-
-    for f in sorted(ckpt.glob("*.safetensors")):
-        if f.name == REF_FILE:
-            continue
-        with safe_open(str(f), framework="pt") as r:
-            for k in r.keys():
-                if k.endswith(".scales"):
-                    dt = r.get_slice(k).get_dtype()
-                    return torch.bfloat16 if dt == "BF16" else torch.float16
-    return torch.float16
+    first = next(iter(raw_scales(ckpt).values()), None)
+    return torch.bfloat16 if first is not None and first.dtype == torch.bfloat16 else torch.float16
 
 
 def load_with_gptqmodel(ckpt: Path):

@@ -2,10 +2,10 @@
 hf16, and the GGUF source requirement."""
 
 import json
-import os
 
 import pytest
 import torch
+from cli_helpers import one_line_error, run_commands_in
 
 from lotaqaf_cli.cli import main
 from lotaqaf_cli.io.checkpoint import load_quantized
@@ -13,30 +13,18 @@ from lotaqaf_cli.io.checkpoint import load_quantized
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        for name, gran in (("mu", "group"), ("nomu", "none")):
-            assert main(["train", "recipe=smoke", f"run.dir=runs/{name}", "adapter.omega=2", "optim.steps=8",
-                         f"adapter.offset_factor={gran}", "stages=[quantize,train]"]) == 0
-            assert main(["merge", f"run=runs/{name}"]) == 0
-    finally:
-        os.chdir(cwd)
-    return root
+    cmds = []
+    for name, gran in (("mu", "group"), ("nomu", "none")):
+        cmds.append(["train", "recipe=smoke", f"run.dir=runs/{name}", "adapter.omega=2", "optim.steps=8",
+                     f"adapter.offset_factor={gran}", "stages=[quantize,train]"])
+        cmds.append(["merge", f"run=runs/{name}"])
+    return run_commands_in(tmp_path_factory.mktemp("export"), cmds)
 
 
 @pytest.fixture
 def here(runs, monkeypatch):
     monkeypatch.chdir(runs)
     return runs
-
-
-def one_line_error(capsys, argv, needle):
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and needle in err, err
 
 
 def test_gptq_export_exact_without_offset_factor(here):

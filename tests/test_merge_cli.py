@@ -4,25 +4,18 @@ import json
 import shutil
 
 import pytest
+from cli_helpers import one_line_error, run_commands_in
 
 from lotaqaf_cli.cli import main
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("merge")
-    import os
-
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        assert main(["train", "recipe=smoke", "run.dir=runs/smoke/a", "adapter.omega=2", "optim.steps=12",
-                     "stages=[quantize,train,ppl]"]) == 0
-        assert main(["train", "recipe=smoke", "run.dir=runs/smoke/lora", "adapter=lora", "optim=adamw",
-                     "optim.lr=0.01", "optim.steps=6", "stages=[quantize,train]"]) == 0
-    finally:
-        os.chdir(cwd)
-    return root
+    return run_commands_in(tmp_path_factory.mktemp("merge"), [
+        ["train", "recipe=smoke", "run.dir=runs/smoke/a", "adapter.omega=2", "optim.steps=12",
+         "stages=[quantize,train,ppl]"],
+        ["train", "recipe=smoke", "run.dir=runs/smoke/lora", "adapter=lora", "optim=adamw",
+         "optim.lr=0.01", "optim.steps=6", "stages=[quantize,train]"]])
 
 
 @pytest.fixture
@@ -30,12 +23,6 @@ def work(trained, tmp_path, monkeypatch):
     shutil.copytree(trained / "runs", tmp_path / "runs")
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-def one_line_error(capsys, argv, needle):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and needle in err, err
 
 
 def test_merge_certificate_and_unmerge(work):

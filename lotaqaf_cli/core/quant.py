@@ -80,15 +80,25 @@ def rtn_quantize(weight_in_major: torch.Tensor, bits: int, group_size: int):
     return codes, scale, zero, group_index(d_in, group_size)
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
-    """W_q[i, j] = s[g(i), j] * (W_int[i, j] - z[g(i), j]), input-major [D_in, D_out]."""
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+               consume: bool = False) -> torch.Tensor:
+    """W_q[i, j] = s[g(i), j] * (W_int[i, j] - z[g(i), j]), input-major [D_in, D_out].
+
+    ``consume=True``: ``codes`` is a float tensor of the scales' dtype that the caller gives up; it is
+    overwritten and returned (no extra [D_in, D_out] buffers). The arithmetic is the same either way
+    (one subtraction, then one multiplication, in the scales' dtype), so results are bit-identical.
+    """
     d_in, d_out = codes.shape
     n_groups = scales.shape[0]
     if d_in % n_groups == 0:  # contiguous groups (no act-order): a reshape instead of two gathers
         gs = d_in // n_groups
         if torch.equal(g_idx, torch.arange(d_in, device=g_idx.device, dtype=g_idx.dtype) // gs):
-            w = codes.view(n_groups, gs, d_out).to(scales.dtype) - zeros[:, None, :]
-            return (w * scales[:, None, :]).view(d_in, d_out)
+            if consume and codes.dtype == scales.dtype:
+                w = codes.view(n_groups, gs, d_out)
+            else:
+                w = codes.view(n_groups, gs, d_out).to(scales.dtype, copy=True)
+            w.sub_(zeros[:, None, :]).mul_(scales[:, None, :])
+            return w.view(d_in, d_out)
     g = g_idx.long()
     return scales[g] * (codes.to(scales.dtype) - zeros[g])
 

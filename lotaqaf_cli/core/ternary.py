@@ -331,7 +331,7 @@ class TernaryLinear(nn.Module):
         codes = base.codes.to(torch.float32)
         if idx.numel():
             codes.view(-1).index_add_(0, idx, val.to(torch.float32))  # integers: exact
-        return dequantize(codes, base.scales.float(), merged_zeros(base.zeros, mu), base.g_idx)
+        return dequantize(codes, base.scales.float(), merged_zeros(base.zeros, mu), base.g_idx, consume=True)
 
     def _record_marker_counts(self, val, blocked) -> None:
         """Counts of the markers of the latest forward (0-d tensors: no host sync in the forward)."""

@@ -88,3 +88,5 @@ def test_eval_merged_equals_adapter_and_errors(work, capsys):
     one_line_error(capsys, ["eval", "--tasks", "mmlu", "--model", "no/such/dir"], "no such path")
     one_line_error(capsys, ["eval", "--tasks", "mmlu", "--model", str(work / "runs")], "not a model directory")
     one_line_error(capsys, ["eval", "run=runs/smoke/a", "--tasks", "gsm8k"], "hub")
+    one_line_error(capsys, ["eval", "run=runs/smoke/a", "--tasks", "gsm8k", "--gsm8k-file", "nope.jsonl"],
+                   "no such file")

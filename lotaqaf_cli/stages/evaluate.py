@@ -112,6 +112,8 @@ def run_eval(run: str | None, tasks: str, model_sel: str | None, limit: int | No
         raise LotaqafError(f"unknown task '{bad[0] if bad else tasks}'; valid: {', '.join(EVAL_TASKS)}")
     if limit is not None and limit <= 0:
         raise LotaqafError(f"--limit must be a positive number of questions per subject, got {limit}")
+    if gsm8k_file is not None and not Path(gsm8k_file).is_file():
+        raise LotaqafError(f"--gsm8k-file {gsm8k_file}: no such file")
     if "gsm8k" in names and gsm8k_file is None:
         from ..io.models import hub_reachable
 

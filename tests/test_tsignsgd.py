@@ -163,3 +163,20 @@ def test_named_params_and_bf16():
     assert a.dtype == torch.bfloat16 and a.float().flatten().tolist() == [0.0] * 9 + [-1.0] * 3
     assert b.flatten().tolist() == [0.0] * 4 + [1.0] * 2
     assert opt.last_stats["moved_total"] == pytest.approx(5 / 18)
+
+
+def test_top_threshold_equals_sorted_reference_with_ties():
+    """Both selection paths (small top-k and kthvalue) give the (k+1)-th largest value, ties included."""
+    import math
+
+    from lotaqaf_cli.core.tsignsgd import top_threshold
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        n = int(torch.randint(2, 3000, (1,), generator=g))
+        x = torch.randint(0, 20, (n,), generator=g).float() if trial % 2 else torch.randn(n, generator=g).abs()
+        ordered = sorted(x.tolist())
+        for frac in (0.0001, 0.001, 0.01, 0.05, 0.2, 0.5, 0.9):
+            k = min(n, max(1, math.ceil(frac * n - 1e-6)))
+            want = float("-inf") if k >= n else ordered[n - k - 1]
+            assert float(top_threshold(x, frac)) == want

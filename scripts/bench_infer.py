@@ -21,6 +21,7 @@ import torch
 
 from lotaqaf_cli.core.lora import attach_lora
 from lotaqaf_cli.core.merge import merge_model
+from lotaqaf_cli.core.qlinear import QuantLinear
 from lotaqaf_cli.core.quantize_model import quantize_model
 from lotaqaf_cli.core.ternary import TernaryLinear, attach_ternary_adapters
 from lotaqaf_cli.io.models import load_model
@@ -81,6 +82,26 @@ def measure(models, prompts, prefill_ids, new_tokens, reps):
     return res
 
 
+@torch.no_grad()
+def layer_pass_s(models, reps: int) -> dict[str, float]:
+    """Median seconds to run one token through every quantized layer of each model (interleaved):
+    the decode-time work of the layers alone, without generate()'s overhead and noise."""
+    layers = {name: [m for m in model.modules() if isinstance(m, QuantLinear)] for name, model in models.items()}
+    xs = {}
+    g = torch.Generator().manual_seed(2)
+    for ls in layers.values():
+        for m in ls:
+            xs.setdefault(m.in_features, torch.randn(1, m.in_features, generator=g))
+    times = {name: [] for name in models}
+    for _ in range(reps):
+        for name, ls in layers.items():
+            t0 = time.perf_counter()
+            for m in ls:
+                m(xs[m.in_features])
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -100,6 +121,10 @@ def main():
     for name, r in res.items():
         print(f"  {name:15s} " + "  ".join(f"{k} {v:8.2f}" for k, v in r.items()))
     a, b, c = (res[k] for k in models)
+    lp = layer_pass_s(models, 4 * args.reps)
+    la, lb, lc = (lp[k] for k in models)
+    print(f"  one token through all quantized layers (median of {4 * args.reps} interleaved): "
+          f"a {la * 1e3:.1f} ms, b {lb * 1e3:.1f} ms (base layers only), c {lc * 1e3:.1f} ms; c/a speed {la / lc:.3f}")
     for key in a:
         better = (lambda x, y: x / y) if key.startswith("tok") else (lambda x, y: y / x)  # >1: c is faster
         print(f"  {key:18s} speed ratio c/b {better(c[key], b[key]):.2f}   c/a {better(c[key], a[key]):.2f}")

@@ -335,7 +335,7 @@ class TernaryLinear(nn.Module):
 
     def _record_marker_counts(self, val, blocked) -> None:
         """Counts of the markers of the latest forward (0-d tensors: no host sync in the forward)."""
-        self.last_marker_counts = {"plus": (val > 0).sum(), "nonzero": val.numel(), "blocked": blocked}
+        self.last_marker_counts = {"nonzero": val.numel(), "blocked": blocked}
 
     def _grad_dW(self, g: torch.Tensor) -> torch.Tensor:
         """dL/d dW from G = x^T dy (fp32, overwritten): H + (sum of H over the mean's set) / (omega * n),

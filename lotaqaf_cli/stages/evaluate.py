@@ -98,8 +98,7 @@ def _load_for_eval(model_sel: str | None, run_dir):
 
 @torch.no_grad()
 def run_eval(run: str | None, tasks: str, model_sel: str | None, limit: int | None, engine: str,
-             num_fewshot: int, mmlu_source: str = "auto", gsm8k_file: str | None = None,
-             max_gen_toks: int | None = None) -> dict:
+             num_fewshot: int, mmlu_source: str = "auto", gsm8k_file: str | None = None) -> dict:
     """Evaluate and write eval-<model>.json / .md into the run directory (or ./evals)."""
     from pathlib import Path
 
@@ -116,10 +115,10 @@ def run_eval(run: str | None, tasks: str, model_sel: str | None, limit: int | No
         raise LotaqafError(f"--gsm8k-file {gsm8k_file}: no such file")
     if "gsm8k" in names and gsm8k_file is None:
         from ..io.models import hub_reachable
+        from .gsm8k_eval import HUB_UNREACHABLE
 
         if not hub_reachable():
-            raise LotaqafError("gsm8k needs the Hugging Face hub (openai/gsm8k), which is unreachable; "
-                               "offline, give a local copy with --gsm8k-file FILE.jsonl, or evaluate mmlu or ppl")
+            raise LotaqafError(HUB_UNREACHABLE)
     run_dir = None
     if run or (model_sel in RUN_MODELS or model_sel is None):
         run_dir = find_run(run) if run else _newest_run()
@@ -137,7 +136,7 @@ def run_eval(run: str | None, tasks: str, model_sel: str | None, limit: int | No
     if "gsm8k" in names:
         from .gsm8k_eval import evaluate_gsm8k
 
-        res = evaluate_gsm8k(model, tok, limit=limit, data_file=gsm8k_file, max_gen_toks=max_gen_toks)
+        res = evaluate_gsm8k(model, tok, limit=limit, data_file=gsm8k_file)
         out["gsm8k"] = res
         ui.say(f"GSM8K 0-shot exact match (number after ####) of {label}: {100 * res['exact_match']:.2f}% "
                f"of {res['n']} questions (flexible extract {100 * res['flexible_extract']:.2f}%)")

@@ -11,7 +11,9 @@ Nothing is written here.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from .mmlu_eval import _offline_env, _quiet_libraries, lm_eval_version
 HUB_TASK = "gsm8k"
 LOCAL_TASK = "lotaqaf_gsm8k_local"
 STRICT, FLEXIBLE = "exact_match,strict-match", "exact_match,flexible-extract"
+HUB_UNREACHABLE = ("gsm8k needs the Hugging Face hub (openai/gsm8k), which is unreachable; offline, give a "
+                   "local copy with --gsm8k-file FILE.jsonl, or evaluate mmlu or ppl")
 
 
 def _lm_eval_gsm8k_yaml() -> Path:
@@ -70,23 +74,23 @@ def evaluate_gsm8k(model, tokenizer, limit: int | None = None, batch_size: int =
     if chat_template is None:
         chat_template = bool(getattr(tokenizer, "chat_template", None))
     local = data_file is not None
-    if local:
-        import tempfile
+    with contextlib.ExitStack() as stack:
+        if local:
+            if tasks_dir is None:
+                tasks_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="lotaqaf_gsm8k_"))
+            tm, task = TaskManager(include_path=local_task(data_file, tasks_dir, max_gen_toks),
+                                   include_defaults=False), LOCAL_TASK
+        else:
+            from ..io.models import hub_reachable
 
-        tasks_dir = tasks_dir or tempfile.mkdtemp(prefix="lotaqaf_gsm8k_")
-        tm, task = TaskManager(include_path=local_task(data_file, tasks_dir, max_gen_toks),
-                               include_defaults=False), LOCAL_TASK
-    else:
-        from ..io.models import hub_reachable
-
-        if not hub_reachable():
-            raise LotaqafError("gsm8k needs the Hugging Face hub (openai/gsm8k), which is unreachable; "
-                               "offline, give a local copy with --gsm8k-file test.jsonl, or evaluate mmlu or ppl")
-        tm, task = TaskManager(), HUB_TASK
-    gen_kwargs = None if local or max_gen_toks is None else f"max_gen_toks={int(max_gen_toks)}"
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    t0 = time.time()
-    with _offline_env(local), _quiet_libraries():
+            if not hub_reachable():
+                raise LotaqafError(HUB_UNREACHABLE)
+            tm, task = TaskManager(), HUB_TASK
+        gen_kwargs = None if local or max_gen_toks is None else f"max_gen_toks={int(max_gen_toks)}"
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        t0 = time.time()
+        stack.enter_context(_offline_env(local))
+        stack.enter_context(_quiet_libraries())
         try:
             out = simple_evaluate(model=lm, tasks=[task], num_fewshot=0, limit=limit, task_manager=tm,
                                   log_samples=True, bootstrap_iters=0, apply_chat_template=chat_template,

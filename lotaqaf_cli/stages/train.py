@@ -271,9 +271,12 @@ def adapter_metrics(model, opt) -> dict:
         tot = nz = blocked = 0
         for m in adapter_layers(model).values():
             if isinstance(m, TernaryLinear):  # markers as used in this step's forward pass
-                c = m.last_marker_counts if m.last_marker_counts is not None else m.marker_stats()
+                c = m.last_marker_counts
+                if c is None:
+                    st = m.marker_stats()
+                    c = {"nonzero": st["plus"] + st["minus"], "blocked": st["blocked"]}
                 tot += m.base.codes.numel()
-                nz += int(c["nonzero"]) if "nonzero" in c else c["plus"] + c["minus"]
+                nz += int(c["nonzero"])
                 blocked += int(c["blocked"])
         out.update(markers_nonzero=nz / tot, blocked=blocked / tot)
     else:

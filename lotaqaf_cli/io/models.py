@@ -3,6 +3,7 @@ GPTQ checkpoint, or the tiny random `smoke` model built in code."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import os
@@ -40,12 +41,18 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """False when HF_HUB_OFFLINE is set or the hub's host cannot be reached quickly."""
+    """False when HF_HUB_OFFLINE is set or the hub's host cannot be reached quickly (probed once
+    per process and host: every stage asks)."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    return _host_reachable(host, timeout)
+
+
+@functools.lru_cache(maxsize=8)
+def _host_reachable(host: str, timeout: float) -> bool:
     import socket
 
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
         return True

@@ -6,7 +6,9 @@ Writes: <run>/ppl.json.
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import torch
 from rich.table import Table
@@ -56,9 +58,6 @@ RUN_MODELS = ("16bit", "gptq", "adapter", "merged")
 
 def _load_for_eval(model_sel: str | None, run_dir):
     """(model, tokenizer, label) for a run keyword (16bit | gptq | adapter | merged) or a path."""
-    import json as _json
-    from pathlib import Path
-
     from omegaconf import OmegaConf
 
     from ..io.checkpoint import load_quantized
@@ -84,7 +83,7 @@ def _load_for_eval(model_sel: str | None, run_dir):
         q = Path(run_dir) / "quantize.json"
         if not q.is_file():
             raise LotaqafError(f"run {run_dir} has no quantized base (quantize.json)")
-        model, tok, _ = load_quantized(_json.loads(q.read_text())["checkpoint"])
+        model, tok, _ = load_quantized(json.loads(q.read_text())["checkpoint"])
         return model, tok, "gptq", cfg
     if sel == "adapter":
         _cfg, _base, model, tok, *_ = load_adapted(Path(run_dir))
@@ -100,8 +99,6 @@ def _load_for_eval(model_sel: str | None, run_dir):
 def run_eval(run: str | None, tasks: str, model_sel: str | None, limit: int | None, engine: str,
              num_fewshot: int, mmlu_source: str = "auto", gsm8k_file: str | None = None) -> dict:
     """Evaluate and write eval-<model>.json / .md into the run directory (or ./evals)."""
-    from pathlib import Path
-
     from ..io.checkpoint import write_json_atomic, write_text_atomic
     from .merge import find_run, heldout_windows
 
@@ -157,20 +154,17 @@ def run_eval(run: str | None, tasks: str, model_sel: str | None, limit: int | No
 
 
 def _newest_run():
-    from pathlib import Path
+    from .merge import newest_run
 
-    runs = sorted(Path("runs").glob("*/*/config.yaml"), key=lambda f: f.stat().st_mtime)
-    if not runs:
+    found = newest_run("runs", "config.yaml")
+    if found is None:
         raise LotaqafError("no run under runs/ (train one first, or pass --model PATH)")
-    return runs[-1].parent
+    return found
 
 
 def _base_info(run_dir) -> dict:
-    import json as _json
-    from pathlib import Path
-
-    q = _json.loads((Path(run_dir) / "quantize.json").read_text())
-    return {"quantize_config": _json.loads((Path(q["checkpoint"]) / "quantize_config.json").read_text())}
+    q = json.loads((Path(run_dir) / "quantize.json").read_text())
+    return {"quantize_config": json.loads((Path(q["checkpoint"]) / "quantize_config.json").read_text())}
 
 
 def run_in_chain(ctx) -> None:

@@ -42,16 +42,22 @@ from .common import TEXT_VERSION
 PROBE_SEED, PROBE_SHAPE = 0, (4, 64)
 
 
+def newest_run(root: str, marker: str) -> Path | None:
+    """The most recently written runs/<recipe>/<timestamp>/ that holds ``marker`` (None: none)."""
+    runs = sorted(Path(root).glob(f"*/*/{marker}"), key=lambda f: f.stat().st_mtime)
+    return runs[-1].parent if runs else None
+
+
 def find_run(run: str | None, root: str = "runs") -> Path:
     if run:
         p = Path(run)
         if not p.is_dir():
             raise LotaqafError(f"run directory does not exist: {run}")
         return p
-    runs = sorted(Path(root).glob("*/*/adapter.safetensors"), key=lambda f: f.stat().st_mtime)
-    if not runs:
+    found = newest_run(root, "adapter.safetensors")
+    if found is None:
         raise LotaqafError(f"no run with a trained adapter under {root}/ (run `lotaqaf train` first, or give run=DIR)")
-    return runs[-1].parent
+    return found
 
 
 def load_adapted(run_dir: Path):

@@ -1,6 +1,6 @@
-"""Command line: argument parsing -> Hydra compose -> stage call; nothing else.
+"""Command line: argument parsing -> Hydra compose -> validation -> the runner; nothing else.
 
-    lotaqaf <stage> [recipe=NAME] [key=value ...] [--cfg] [--debug]
+    lotaqaf <command> [recipe=NAME] [key=value ...] [short flags] [--cfg] [--debug]
     lotaqaf recipes
 """
 
@@ -12,7 +12,7 @@ import sys
 
 from .errors import LotaqafError
 
-STAGES = {
+COMMANDS = {
     "train": "run the chain the recipe names in `stages` (quantize -> train -> ppl -> merge -> eval)",
     "quantize": "GPTQ-quantize the recipe's model (cached by content)",
     "merge": "merge a trained adapter losslessly into its quantized base",
@@ -21,32 +21,67 @@ STAGES = {
 }
 
 
+# Short flags: aliases that set config keys (the only configuration is the composed config).
+FLAGS = {  # argparse dest -> (config key, how the flag's value becomes the override's value)
+    "tasks": ("eval.tasks", lambda v: "[" + ",".join(t.strip() for t in v.split(",") if t.strip()) + "]"),
+    "model": ("eval.model", str), "limit": ("eval.limit", str), "engine": ("eval.engine", str),
+    "num_fewshot": ("eval.num_fewshot", str), "gsm8k_file": ("eval.gsm8k_file", str),
+    "mmlu_source": ("eval.mmlu_source", str), "format": ("export.format", str),
+    "allow_lossy": ("export.allow_lossy", lambda v: "true"), "unmerge": ("merge.unmerge", lambda v: "true"),
+    "no_verify": ("merge.verify", lambda v: "false"),
+}
+RUN_COMMANDS = ("merge", "eval", "export")  # act on an existing run
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lotaqaf",
         description="Lossless ternary adaptation (LoTA-QAF) of GPTQ-quantized language models.",
-        epilog="Stages: " + "; ".join(f"{k}: {v}" for k, v in STAGES.items())
-        + ". `lotaqaf recipes` lists the recipes.")
-    p.add_argument("stage", choices=[*STAGES, "recipes"], help="what to run")
+        epilog="Commands: " + "; ".join(f"{k}: {v}" for k, v in COMMANDS.items())
+        + ". `lotaqaf recipes` lists the recipes. Every command takes recipe=NAME and key=value overrides; "
+        "run=DIR is run.dir=DIR.")
+    p.add_argument("stage", choices=[*COMMANDS, "recipes"], help="the command")
     p.add_argument("overrides", nargs="*", help="recipe=NAME and key=value overrides (Hydra syntax)")
     p.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.add_argument("--verify", dest="verify", action="store_true", default=True,
-                   help="merge: re-check the written checkpoint (default)")
-    p.add_argument("--no-verify", dest="verify", action="store_false", help="merge: skip the re-check from disk")
-    p.add_argument("--unmerge", action="store_true", help="merge: restore the base from the merged checkpoint")
-    p.add_argument("--format", default=None, help="export: gptq | gguf | hf16")
-    p.add_argument("--allow-lossy", action="store_true", help="export: allow a format that changes outputs")
-    p.add_argument("--tasks", default="mmlu", help="eval: comma-separated, from mmlu, ppl, gsm8k")
-    p.add_argument("--model", default=None,
-                   help="eval: 16bit | gptq | adapter | merged (of run=DIR or the newest run) or a model path")
-    p.add_argument("--limit", type=int, default=None, help="eval: questions per MMLU subject")
-    p.add_argument("--engine", default="lm-eval", choices=["lm-eval", "fast"], help="eval: MMLU scorer")
-    p.add_argument("--num-fewshot", type=int, default=5, help="eval: MMLU few-shot examples (0-5)")
-    p.add_argument("--gsm8k-file", default=None,
-                   help="eval: a local GSM8K-style JSONL (question, answer) instead of openai/gsm8k from the hub")
-    p.add_argument("--mmlu-source", default="auto", choices=["auto", "hub", "offline"], help="eval: MMLU data")
+    p.add_argument("--no-verify", action="store_true", default=None, help="merge: merge.verify=false")
+    p.add_argument("--unmerge", action="store_true", default=None, help="merge: merge.unmerge=true")
+    p.add_argument("--format", default=None, help="export: export.format (gptq | gguf | hf16)")
+    p.add_argument("--allow-lossy", action="store_true", default=None, help="export: export.allow_lossy=true")
+    p.add_argument("--tasks", default=None, help="eval: eval.tasks, comma-separated (mmlu, ppl, gsm8k)")
+    p.add_argument("--model", default=None, help="eval: eval.model (16bit | gptq | adapter | merged, or a path)")
+    p.add_argument("--limit", default=None, help="eval: eval.limit (questions per MMLU subject)")
+    p.add_argument("--engine", default=None, help="eval: eval.engine (lm-eval | fast)")
+    p.add_argument("--num-fewshot", default=None, help="eval: eval.num_fewshot")
+    p.add_argument("--gsm8k-file", default=None, help="eval: eval.gsm8k_file (a local GSM8K-style JSONL)")
+    p.add_argument("--mmlu-source", default=None, help="eval: eval.mmlu_source (auto | hub | offline)")
     return p
+
+
+def overrides_of(args) -> list[str]:
+    """The command's overrides: run=DIR as run.dir=DIR, then the short flags as their config keys."""
+    out = [f"run.dir={ov.split('=', 1)[1]}" if ov.startswith("run=") else ov for ov in args.overrides]
+    for dest, (key, value) in FLAGS.items():
+        v = getattr(args, dest)
+        if v is not None:
+            out.append(f"{key}={value(v)}")
+    return out
+
+
+def _recipe_of_run(command: str, overrides: list[str]) -> list[str]:
+    """merge/eval/export compose with the recipe of the run they act on, unless recipe= is given."""
+    from .config import group_options
+    from .io.rundir import NEEDS, find_run
+
+    given = dict(o.split("=", 1) for o in overrides)
+    if "recipe" in given:
+        return []
+    try:
+        run = find_run(given.get("run.dir"), given.get("run.root", "runs"), NEEDS[command])
+        name = run.config().get("name")
+    except LotaqafError:
+        return []  # the runner reports a missing run, after the config is checked
+    return [f"recipe={name}"] if name in group_options("recipe") else []
 
 
 def _print_recipes() -> None:
@@ -64,63 +99,22 @@ def _print_recipes() -> None:
 
 
 def _run(args) -> int:
-    from .config import compose, to_yaml
+    from .config import compose, to_yaml, validate
 
     if args.stage == "recipes":
         _print_recipes()
         return 0
-    if args.stage in ("merge", "export", "eval"):
-        run = None
-        for ov in args.overrides:
-            key, _, value = ov.partition("=")
-            if key != "run" or not value:
-                raise LotaqafError(f"{args.stage} takes only run=DIR, got '{ov}'")
-            run = value
-        if args.stage == "eval":
-            from .stages import evaluate
-
-            evaluate.run_eval(run, args.tasks, args.model, args.limit, args.engine, args.num_fewshot,
-                              args.mmlu_source, gsm8k_file=args.gsm8k_file)
-        elif args.stage == "merge":
-            from .stages import merge
-
-            merge.run_merge(run, verify=args.verify, unmerge=args.unmerge)
-        else:
-            from .stages import export
-
-            if not args.format:
-                raise LotaqafError("export needs --format gptq|gguf|hf16")
-            export.run_export(run, args.format, allow_lossy=args.allow_lossy)
-        return 0
-    cfg = compose(list(args.overrides))
+    overrides = overrides_of(args)
+    if args.stage in RUN_COMMANDS:
+        overrides = _recipe_of_run(args.stage, overrides) + overrides
+    cfg = compose(overrides)
     if args.cfg:
         sys.stdout.write(to_yaml(cfg))
         return 0
+    validate(cfg, args.stage)
+    from .runner import run_command
 
-    import torch
-
-    from . import ui
-    from .io.rundir import RunDir
-    from .stages import evaluate, merge, quantize, train
-    from .stages.common import Context
-
-    if torch.get_num_threads() > (os.cpu_count() or 1):
-        torch.set_num_threads(os.cpu_count() or 1)
-    if "train" in cfg.stages and args.stage == "train":
-        train.check_adapter_config(cfg)
-    torch.manual_seed(cfg.seed)
-    ctx = Context(cfg=cfg, run=RunDir(cfg))
-    stages = ["quantize"] if args.stage == "quantize" else list(cfg.stages)
-    available = {"quantize": quantize.run, "train": train.run, "ppl": evaluate.run_ppl,
-                 "merge": merge.run_in_chain, "eval": evaluate.run_in_chain}
-    for name in stages:
-        if name not in available:
-            ui.say(f"[yellow]stage '{name}' is not implemented yet: skipped[/yellow]")
-            continue
-        ui.say(f"[bold]== {name} ==[/bold]")
-        available[name](ctx)
-        ctx.run.log(f"stage {name} done")
-    ui.say(f"run directory: {ctx.run.path}")
+    run_command(args.stage, cfg)
     return 0
 
 

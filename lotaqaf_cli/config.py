@@ -1,4 +1,5 @@
-"""Recipe composition (Hydra's compose API over recipes/) and validation of what users set."""
+"""Recipe composition (Hydra's compose API over recipes/) for every command, and the one
+validation of what users set."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from .errors import LotaqafError
 
 GROUPS = ("model", "quant", "calib", "adapter", "optim", "data", "eval", "recipe")
 DEFAULT_RECIPE = "smollm2_mmlu"
+STAGES = ("quantize", "train", "ppl", "merge", "eval")   # what `lotaqaf train` may chain
+EVAL_TASKS = ("mmlu", "ppl", "gsm8k")
+EXPORT_FORMATS = ("gptq", "gguf", "hf16")
 
 
 def recipes_dir() -> Path:
@@ -60,7 +64,8 @@ def _check_group_choices(overrides: list[str]) -> None:
 
 
 def compose(overrides: list[str]) -> DictConfig:
-    """Compose config.yaml + recipe + overrides; unknown keys are errors naming the nearest keys."""
+    """Compose config.yaml + recipe + overrides (every command); unknown keys are errors naming the
+    nearest keys."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -74,7 +79,7 @@ def compose(overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
         try:
-            cfg = hydra_compose(config_name="config", overrides=overrides)
+            return hydra_compose(config_name="config", overrides=overrides)
         except (HydraException, OmegaConfBaseException) as e:
             msg = str(e)
             m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Key '([^']+)' is not in struct", msg)
@@ -86,16 +91,10 @@ def compose(overrides: list[str]) -> DictConfig:
                 hint = f"; nearest valid keys: {', '.join(near)}" if near else ""
                 raise LotaqafError(f"unknown config key '{key}'{hint}") from None
             raise LotaqafError(f"bad override: {msg.splitlines()[0]}") from None
-    if cfg.adapter.name in ("lora", "qalora") and cfg.optim.name == "tsignsgd" and \
-            not any(o.split("=", 1)[0].lstrip("+~") == "optim" for o in overrides):
-        # The baselines train with AdamW: `adapter=lora` alone selects it (optim=... still decides).
-        return compose([*overrides, "optim=adamw"])
-    validate(cfg)
-    return cfg
 
 
-def validate(cfg: DictConfig) -> None:
-    """Checks on values a user can set; each failure is one line."""
+def validate(cfg: DictConfig, command: str = "train") -> None:
+    """Every check on values a user can set, in one place, before any work; each failure is one line."""
     q = cfg.quant
     if q.bits not in SUPPORTED_BITS:
         raise LotaqafError(f"quant.bits must be one of {list(SUPPORTED_BITS)}, got {q.bits}")
@@ -115,10 +114,54 @@ def validate(cfg: DictConfig) -> None:
             raise LotaqafError(f"{sect}.source=file needs {sect}.path")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise LotaqafError(f"device must be auto, cpu or cuda, got {cfg.device}")
-    known = {"quantize", "train", "ppl", "merge", "eval", "export"}
-    bad = [s for s in cfg.stages if s not in known]
+    bad = [s for s in cfg.stages if s not in STAGES]
     if bad:
-        raise LotaqafError(f"unknown stage(s) {bad}; known: {sorted(known)}")
+        raise LotaqafError(f"unknown stage(s) {bad}; known: {sorted(STAGES)}")
+    _validate_adapter(cfg.adapter, cfg.optim)
+    _validate_eval(cfg.eval)
+    e = cfg.export
+    if e.format is not None and e.format not in EXPORT_FORMATS:
+        raise LotaqafError(f"unknown export format '{e.format}'; valid: {', '.join(EXPORT_FORMATS)}")
+    if command == "export" and e.format is None:
+        raise LotaqafError(f"export needs --format (export.format): {' | '.join(EXPORT_FORMATS)}")
+
+
+def _validate_adapter(a: DictConfig, o: DictConfig) -> None:
+    from .core.ternary import check_hparams
+    from .io.adapter import KINDS
+
+    if a.kind not in KINDS:
+        raise LotaqafError(f"unknown adapter '{a.kind}'; valid: {', '.join(KINDS)}")
+    if o.name not in ("tsignsgd", "adamw"):
+        raise LotaqafError(f"unknown optimizer '{o.name}'; valid: tsignsgd, adamw")
+    if a.kind == "lota":
+        try:
+            check_hparams(a.rank, a.omega, a.offset_granularity)
+        except ValueError as e:
+            raise LotaqafError(f"adapter: {e}") from None
+        if o.name != "tsignsgd":
+            raise LotaqafError("adapter=lota trains with optim=tsignsgd (ternary weights have no learning rate)")
+    else:
+        if a.rank < 1:
+            raise LotaqafError(f"adapter.rank must be >= 1, got {a.rank}")
+        if o.name != "adamw":
+            raise LotaqafError(f"adapter={a.kind} trains with optim=adamw")
+    if o.steps < 1 or o.batch_size < 1 or o.grad_accum < 1:
+        raise LotaqafError("optim.steps, optim.batch_size and optim.grad_accum must be >= 1")
+
+
+def _validate_eval(ev: DictConfig) -> None:
+    from .eval.mmlu import check_mmlu_args
+
+    tasks = list(ev.tasks)
+    bad = [t for t in tasks if t not in EVAL_TASKS]
+    if bad or not tasks:
+        raise LotaqafError(f"unknown task '{bad[0] if bad else tasks}'; valid: {', '.join(EVAL_TASKS)}")
+    check_mmlu_args(ev.engine, ev.limit, ev.num_fewshot, ev.batch_size)
+    if ev.mmlu_source not in ("auto", "hub", "offline"):
+        raise LotaqafError(f"eval.mmlu_source must be auto, hub or offline, got {ev.mmlu_source}")
+    if ev.gsm8k_file is not None and not Path(ev.gsm8k_file).is_file():
+        raise LotaqafError(f"--gsm8k-file {ev.gsm8k_file}: no such file")
 
 
 def to_yaml(cfg: DictConfig) -> str:

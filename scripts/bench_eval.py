@@ -26,8 +26,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from lotaqaf_cli.data import mmlu  # noqa: E402
+from lotaqaf_cli.eval.mmlu import evaluate_mmlu  # noqa: E402
 from lotaqaf_cli.io.models import load_model  # noqa: E402
-from lotaqaf_cli.stages.mmlu_eval import evaluate_mmlu  # noqa: E402
 
 
 def pick_subjects(spec: str) -> list[str]:

@@ -18,7 +18,7 @@ from torch import nn
 
 from lotaqaf_cli.core.qlinear import QuantLinear
 from lotaqaf_cli.core.quant import rtn_quantize
-from lotaqaf_cli.core.ternary import TernaryLinear, markers, ternarize
+from lotaqaf_cli.core.ternary import TernaryLinear, marker_entries, ternarize
 
 D_IN, D_OUT, RANK, OMEGA, GS, BITS, BATCH, SEQ, LORA_R = 576, 1536, 64, 48.0, 64, 4, 4, 128, 16
 
@@ -33,7 +33,10 @@ class NaiveTernary(nn.Module):
     def forward(self, x):
         lt, base = self.layer, self.layer.base
         dW = lt.A_T @ lt.B_T
-        w_hat = markers(dW.detach(), lt.omega, lt.can_up_bits, lt.can_down_bits).to(dW.dtype)
+        # the layer's own sparse markers (boundary check on its packed masks), made dense here
+        idx, val, _ = marker_entries(dW.detach(), lt.omega, lt.can_up_bits, lt.can_down_bits)
+        w_hat = torch.zeros_like(dW)
+        w_hat.view(-1)[idx] = val.to(dW.dtype)
         w_ste = dW + (w_hat - dW).detach()
         R = dW - lt.omega * w_hat
         mu = R.view(-1, GS, D_OUT).mean(dim=1) / lt.omega

@@ -28,14 +28,13 @@ from pathlib import Path
 import torch
 
 from lotaqaf_cli import ui
-from lotaqaf_cli.config import compose
+from lotaqaf_cli.config import compose, validate
 from lotaqaf_cli.core.perplexity import perplexity
 from lotaqaf_cli.data import mmlu
-from lotaqaf_cli.io.checkpoint import load_quantized, write_json_atomic, write_text_atomic
+from lotaqaf_cli.eval.mmlu import evaluate_mmlu
+from lotaqaf_cli.io.files import write_json_atomic, write_text_atomic
 from lotaqaf_cli.io.rundir import RunDir
-from lotaqaf_cli.stages import merge, quantize, train
-from lotaqaf_cli.stages.common import Context, text_windows
-from lotaqaf_cli.stages.mmlu_eval import evaluate_mmlu
+from lotaqaf_cli.runner import Session, step_merge, step_quantize, step_train
 
 RECIPE = "smollm2_mmlu"
 GROUP_SIZE = {4: 64, 3: 64, 2: 32}        # INT2 uses g32 (issue 3's setting); the paper uses g64 throughout
@@ -76,7 +75,9 @@ def run_config(bits: int, method: str, s: dict, root: Path, stamp: str):
     ov = [f"recipe={RECIPE}", f"quant.bits={bits}", f"quant.group_size={GROUP_SIZE[bits]}", f"adapter={method}",
           f"optim.steps={s['steps']}", f"optim.save_every={s['steps']}", f"seed={s['seed']}",
           f"run.root={root}", f"run.dir={root}/reproduce/{stamp}/int{bits}_{method}", *s["overrides"]]
-    return compose(ov)
+    cfg = compose(ov)
+    validate(cfg)
+    return cfg
 
 
 def score(model, tok, windows, s: dict) -> dict:
@@ -111,28 +112,29 @@ def reproduce(args, source=None) -> dict:
         for i, method in enumerate(METHODS):
             cfg = run_config(bits, method, s, root, stamp)
             torch.manual_seed(cfg.seed)
-            ctx = Context(cfg=cfg, run=RunDir(cfg), source=source)
+            ses = Session(cfg, RunDir.for_config(cfg), source=source)
             if i == 0:
                 ui.say(f"[bold]== INT{bits} g{GROUP_SIZE[bits]}: GPTQ ==[/bold]")
-            quantize.run(ctx)  # the first method quantizes (or reuses the cache); the others load the same base
-            source = ctx.source
+            step_quantize(ses)  # the first method quantizes (or reuses the cache); the others load the same base
+            source = ses.source
             if windows is None:  # the same held-out windows for every model
-                windows, heldout_hash = text_windows(ctx, "heldout", cfg.ppl)
+                windows, heldout_hash = ses.text("heldout", cfg.ppl)
                 ui.say("[bold]== 16-bit ==[/bold]")
                 rows.append(row("base", 16, score(source.model, source.tokenizer, windows, s)))
             if i == 0:
-                rows.append(row("gptq", bits, score(ctx.quantized, source.tokenizer, windows, s)))
+                rows.append(row("gptq", bits, score(ses.base, source.tokenizer, windows, s)))
             ui.say(f"[bold]== INT{bits}: {LABELS[method]} ==[/bold]")
-            train.run(ctx)
-            adapter_scores = score(ctx.adapted, source.tokenizer, windows, s)
-            extra = {"train_seconds": ctx.timings["train_s"], "run": str(ctx.run.path)}
+            step_train(ses)
+            adapter_scores = score(ses.adapted, source.tokenizer, windows, s)
+            extra = {"train_seconds": ses.timings["train_s"], "run": str(ses.run.path)}
             if method != "lota":
                 rows.append(row(method, bits, adapter_scores, extra))
             else:
-                cert = merge.run_merge(str(ctx.run.path))
-                merged_model, _, _ = load_quantized(ctx.run.path / "merged")
+                step_merge(ses)
+                cert = ses.run.read_record("merge_certificate")
+                merged_model, _, _ = ses.run.load_merged()  # the written checkpoint, as a user loads it
                 merged_scores = score(merged_model, source.tokenizer, windows, s)
-                changed = json.loads((ctx.run.path / "train.json").read_text())["codes_changed"]["codes"]
+                changed = ses.run.read_record("train")["codes_changed"]["codes"]
                 check = merged_equals_adapter(bits, adapter_scores, merged_scores, cert)
                 checks.append(check)
                 extra.update(codes_up=changed["up_frac"], codes_down=changed["down_frac"],
@@ -141,7 +143,6 @@ def reproduce(args, source=None) -> dict:
                              adapter_avg=adapter_scores["mmlu"]["average"]["acc"], adapter_ppl=adapter_scores["ppl"])
                 rows.append(row(method, bits, merged_scores, extra))
                 del merged_model
-            ctx.adapted = None
     out = {"settings": {**s, "group_size": {b: GROUP_SIZE[b] for b in s["bits"]}, "recipe": RECIPE,
                         "quick": args.quick, "mmlu_source": "offline", "engine": "fast", "num_fewshot": 5,
                         "ppl_windows": list(windows.shape), "heldout_hash": heldout_hash},

@@ -24,7 +24,7 @@ def saved(smoke, calib_ids, tmp_path):
 def test_roundtrip_is_exact(saved, calib_ids):
     model, out, chash = saved
     loaded, tok, info = load_quantized(out)
-    assert info["content_hash"] == chash and info["bits"] == 3 and tok is None
+    assert info["content_hash"] == chash and info["settings"]["bits"] == 3 and tok is None
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
             n = loaded.get_submodule(name)
@@ -36,6 +36,8 @@ def test_roundtrip_is_exact(saved, calib_ids):
     for k, v in {"bits": 3, "group_size": 32, "desc_act": True, "sym": False, "quant_method": "gptq",
                  "checkpoint_format": "gptq", "pack_dtype": "int32"}.items():
         assert qcfg[k] == v
+    assert info["settings"] == {"bits": 3, "group_size": 32, "act_order": True, "static_groups": False,
+                                "true_sequential": False, "damp_percent": 0.01}  # lotaqaf's names again
     assert not list(out.parent.glob(".ckpt.tmp-*"))  # written through a temporary name
 
 

@@ -82,8 +82,29 @@ def test_hub_id_offline(capsys, in_tmp, monkeypatch):
     assert_user_error(capsys, in_tmp, ["quantize", "recipe=llama3_mmlu"], "recipe=smollm2_mmlu")
 
 
-def test_run_stages_take_only_a_run(capsys, in_tmp):
-    assert_user_error(capsys, in_tmp, ["export", "recipe=smoke"], "export takes only run=DIR")
+@pytest.mark.parametrize("argv", [["merge", "run=runs/x", "merge.verifyy=false"],
+                                  ["eval", "run=runs/x", "eval.limt=2"],
+                                  ["export", "run=runs/x", "export.formatt=gguf"]])
+def test_every_command_names_the_nearest_key(capsys, in_tmp, argv):
+    key = argv[2].split("=")[0]
+    assert_user_error(capsys, in_tmp, argv, f"unknown config key '{key}'; nearest valid keys: {key[:-1]}")
+
+
+def test_run_commands_print_their_config(capsys, in_tmp):
+    """merge, eval and export are composed like train: --cfg prints the config, flags set its keys."""
+    assert main(["merge", "run=runs/x", "--no-verify", "--cfg"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["run"]["dir"] == "runs/x" and cfg["merge"] == {"verify": False, "unmerge": False}
+    assert main(["eval", "run=runs/x", "eval.limit=2", "--tasks", "mmlu,ppl", "--engine", "fast", "--cfg"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["eval"]["limit"] == 2 and cfg["eval"]["tasks"] == ["mmlu", "ppl"] and cfg["eval"]["engine"] == "fast"
+    assert main(["export", "run=runs/x", "export.format=gguf", "--allow-lossy", "--cfg"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["export"] == {"format": "gguf", "allow_lossy": True}
+
+
+def test_export_needs_a_format(capsys, in_tmp):
+    assert_user_error(capsys, in_tmp, ["export", "recipe=smoke"], "export needs --format")
 
 
 def test_smoke_chain_and_reuse(capsys, in_tmp):
@@ -128,7 +149,7 @@ def test_existing_gptq_checkpoint_skips_quantization(capsys, in_tmp):
 def test_baseline_adapters_select_adamw(capsys):
     assert main(["train", "recipe=smollm2_mmlu", "adapter=qalora", "--cfg"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
-    assert cfg["adapter"]["name"] == "qalora" and cfg["optim"]["name"] == "adamw"
+    assert cfg["adapter"]["kind"] == "qalora" and cfg["optim"]["name"] == "adamw"
     assert cfg["optim"]["max_grad_norm"] == 0.3 and cfg["optim"]["warmup_ratio"] == 0.03
 
 

@@ -16,7 +16,7 @@ def runs(tmp_path_factory):
     cmds = []
     for name, gran in (("mu", "group"), ("nomu", "none")):
         cmds.append(["train", "recipe=smoke", f"run.dir=runs/{name}", "adapter.omega=2", "optim.steps=8",
-                     f"adapter.offset_factor={gran}", "stages=[quantize,train]"])
+                     f"adapter.offset_granularity={gran}", "stages=[quantize,train]"])
         cmds.append(["merge", f"run=runs/{name}"])
     return run_commands_in(tmp_path_factory.mktemp("export"), cmds)
 

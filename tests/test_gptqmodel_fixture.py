@@ -34,9 +34,7 @@ def test_lotaqaf_reads_gptqmodel_checkpoint(fixture):
 def test_lotaqaf_writes_what_gptqmodel_wrote(fixture, tmp_path):
     """Re-saving gptqmodel's checkpoint with lotaqaf's writer gives the same quantized tensors bit for bit."""
     model, tok, info = load_quantized(fixture)
-    qc = info["quantize_config"]
-    save_quantized(model, tok, tmp_path / "ours", {"bits": qc["bits"], "group_size": qc["group_size"],
-                                                   "act_order": qc["desc_act"]}, {"source": fixture.name})
+    save_quantized(model, tok, tmp_path / "ours", info["settings"], {"source": fixture.name})
     with safe_open(str(fixture / "model.safetensors"), "pt") as f:
         theirs = {k: f.get_tensor(k) for k in f.keys()}
     ours = load_file(str(tmp_path / "ours" / "model.safetensors"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lotaqaf_cli.errors import LotaqafError
-from lotaqaf_cli.stages.gsm8k_eval import evaluate_gsm8k, local_task
+from lotaqaf_cli.eval.gsm8k import evaluate_gsm8k, local_task
 
 ROWS = [  # hand-written, GSM8K layout (not GSM8K data)
     {"question": "Tom has 3 apples and buys 2 more. How many apples does he have now?",

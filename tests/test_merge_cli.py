@@ -84,7 +84,7 @@ def test_eval_merged_equals_adapter_and_errors(work, capsys):
     assert ppl["adapter"] == ppl["merged"]
     capsys.readouterr()
     one_line_error(capsys, ["eval", "--tasks", "bogus"], "valid: mmlu, ppl, gsm8k")
-    one_line_error(capsys, ["eval", "run=runs/smoke/a", "--tasks", "mmlu", "--limit", "0"], "--limit")
+    one_line_error(capsys, ["eval", "run=runs/smoke/a", "--tasks", "mmlu", "--limit", "0"], "eval.limit")
     one_line_error(capsys, ["eval", "--tasks", "mmlu", "--model", "no/such/dir"], "no such path")
     one_line_error(capsys, ["eval", "--tasks", "mmlu", "--model", str(work / "runs")], "not a model directory")
     one_line_error(capsys, ["eval", "run=runs/smoke/a", "--tasks", "gsm8k"], "hub")

@@ -163,7 +163,7 @@ def _lm_eval_loglikelihoods(model, tokenizer, contexts, conts, max_length=None):
 
 @pytest.mark.parametrize("which", ["tok", "tok_split"])
 def test_fast_scores_equal_lm_eval_loglikelihood(which, request, sharp, questions):
-    from lotaqaf_cli.core.mcq import encode_pair, score_subject
+    from lotaqaf_cli.eval.mcq import encode_pair, score_subject
 
     tokenizer = request.getfixturevalue(which)
     sp = mmlu.split_fewshot(questions)[SHORT]
@@ -185,7 +185,7 @@ def test_fast_scores_equal_lm_eval_loglikelihood(which, request, sharp, question
 
 
 def test_fast_truncates_like_lm_eval(sharp, tok, questions):
-    from lotaqaf_cli.core.mcq import score_subject
+    from lotaqaf_cli.eval.mcq import score_subject
 
     sp = mmlu.split_fewshot(questions)[SHORT]
     prefix = mmlu.fewshot_prefix(SHORT, sp.fewshot, 5)
@@ -197,7 +197,7 @@ def test_fast_truncates_like_lm_eval(sharp, tok, questions):
 
 
 def test_engines_agree_on_smoke_model(sharp, tok, tmp_path):
-    from lotaqaf_cli.stages.mmlu_eval import evaluate_mmlu, results_markdown, results_table
+    from lotaqaf_cli.eval.mmlu import evaluate_mmlu, results_markdown, results_table
 
     kw = dict(subjects=[SHORT, LONG], limit=6, batch_size=3, return_predictions=True, progress=False,
               tasks_dir=tmp_path / "tasks")
@@ -224,7 +224,7 @@ def test_engines_agree_on_smoke_model(sharp, tok, tmp_path):
 
 
 def test_bad_arguments(sharp, tok, monkeypatch):
-    from lotaqaf_cli.stages.mmlu_eval import evaluate_mmlu
+    from lotaqaf_cli.eval.mmlu import evaluate_mmlu
 
     for bad in (0, -3):
         with pytest.raises(LotaqafError, match="limit"):
@@ -242,10 +242,23 @@ def test_bad_arguments(sharp, tok, monkeypatch):
         evaluate_mmlu(sharp, tok, num_fewshot=6)
 
 
+
+def test_check_mmlu_args_names_config_keys():
+    from lotaqaf_cli.eval.mmlu import check_mmlu_args
+
+    check_mmlu_args("fast", None, 0, 1)
+    check_mmlu_args("lm-eval", 3, mmlu.FEWSHOT_ROWS, 8)
+    for args, key in ((("vllm", None, 5, 4), "eval.engine"), (("fast", 0, 5, 4), "eval.limit"),
+                      (("fast", True, 5, 4), "eval.limit"), (("fast", 2.5, 5, 4), "eval.limit"),
+                      (("fast", None, 6, 4), "eval.num_fewshot"), (("fast", None, -1, 4), "eval.num_fewshot"),
+                      (("fast", None, 5, 0), "eval.batch_size")):
+        with pytest.raises(LotaqafError, match=re.escape(key)):
+            check_mmlu_args(*args)
+
 @pytest.mark.slow
 def test_engines_agree_on_smollm2(smollm2_loaded):
-    from lotaqaf_cli.core.mcq import score_subject
-    from lotaqaf_cli.stages.mmlu_eval import evaluate_mmlu
+    from lotaqaf_cli.eval.mcq import score_subject
+    from lotaqaf_cli.eval.mmlu import evaluate_mmlu
 
     m, t = smollm2_loaded.model, smollm2_loaded.tokenizer
     kw = dict(subjects=["college_physics", "marketing"], limit=3, batch_size=3, return_predictions=True,
@@ -262,7 +275,7 @@ def test_engines_agree_on_smollm2(smollm2_loaded):
 
 
 def test_auto_source_falls_back_offline(monkeypatch):
-    from lotaqaf_cli.stages import mmlu_eval
+    from lotaqaf_cli.eval import mmlu as mmlu_eval
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     source, notes = mmlu_eval._resolve_source("auto")

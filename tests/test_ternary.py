@@ -1,5 +1,6 @@
 """Ternary adaptation: init, markers with the boundary check, offset factor, forward and the custom
-backward, each against an independent float64 reference written here."""
+backward, each against independent float64 references: the vectorised formulas of tests/reference.py
+and the plain loops / dense autograd written here."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 
 import pytest
 import torch
+from reference import effective_weight, markers, offset_factor, ste_grad_dW
 from torch import nn
 
 from lotaqaf_cli.core.qlinear import QuantLinear
@@ -14,10 +16,8 @@ from lotaqaf_cli.core.ternary import (
     TernaryLinear,
     attach_ternary_adapters,
     boundary_masks,
-    effective_weight,
     lookup_bits,
-    markers,
-    offset_factor,
+    marker_entries,
     pack_bits,
     ternary_init_A,
     unpack_bits,
@@ -193,6 +193,10 @@ def test_markers_respect_boundary(bits):
         assert blocked == expect_blocked
         moved = codes.int() + w_hat.int()
         assert int(moved.min()) >= 0 and int(moved.max()) <= maxq
+        idx, val, n_blocked = marker_entries(dW, omega, cu, cd)  # the layer's sparse markers
+        dense = torch.zeros(codes.shape, dtype=torch.float64)
+        dense.view(-1)[idx] = val.double()
+        assert val.dtype == torch.int8 and torch.equal(dense, expect) and int(n_blocked) == expect_blocked
     unchecked = markers(dW, omega)
     torch.testing.assert_close(unchecked.double(), torch.sign(dW).double() * (dW.abs() > omega).double())
 
@@ -233,22 +237,40 @@ def test_boundary_refreshed_on_load_state_dict():
 # Offset factor
 # ----------------------------------------------------------------------------------------------
 
+def _layer_markers_mu(A, B, g_idx, n_groups, omega, gran):
+    """The layer's (W_hat, mu) for dW = A @ B, on a base whose codes (all 1, 2 bits) block no marker."""
+    d_in, d_out = A.shape[0], B.shape[1]
+    base = QuantLinear.from_quantized(torch.ones(d_in, d_out, dtype=torch.uint8), torch.ones(n_groups, d_out),
+                                      torch.ones(n_groups, d_out), g_idx, 2, d_in // n_groups)
+    layer = TernaryLinear(base, rank=A.shape[1], omega=omega, offset_granularity=gran)
+    with torch.no_grad():
+        layer.A_T.copy_(A)
+        layer.B_T.copy_(B)
+    return layer.markers_and_offset()
+
+
 @pytest.mark.parametrize("gran", GRANS)
 @pytest.mark.parametrize("act_order", [False, True])
 def test_offset_factor_matches_loops(gran, act_order):
     gen = _gen(5)
     d_in, d_out, r, gs, omega = 12, 5, 4, 4, 1.5
     g_idx = _g_idx(d_in, gs, act_order, gen)
-    dW = _ternary((d_in, r), gen) @ _ternary((r, d_out), gen)
+    A, B = _ternary((d_in, r), gen), _ternary((r, d_out), gen)
+    dW = A @ B
     w_hat = markers(dW, omega)
     mu = offset_factor(dW, w_hat, omega, g_idx, gran)
     ref = ref_mu_loops(dW, w_hat, omega, g_idx, gran, d_in // gs)
+    layer_w_hat, layer_mu = _layer_markers_mu(A, B, g_idx, d_in // gs, omega, gran)
+    assert torch.equal(layer_w_hat, w_hat)
     if gran == "none":
         assert mu is None
+        assert layer_mu is None
         return
     expected_shape = {"group": (3, d_out), "channel": (1, d_out), "tensor": (1, 1)}[gran]
     assert tuple(mu.shape) == expected_shape
     torch.testing.assert_close(mu.double(), ref, rtol=1e-6, atol=1e-6)
+    assert tuple(layer_mu.shape) == expected_shape and layer_mu.dtype == torch.float32
+    torch.testing.assert_close(layer_mu.double(), ref, rtol=1e-6, atol=1e-6)
 
 
 def test_offset_factor_uneven_groups():
@@ -258,6 +280,8 @@ def test_offset_factor_uneven_groups():
     w_hat = markers(dW, 1.0)
     mu = offset_factor(dW, w_hat, 1.0, g_idx, "group")
     torch.testing.assert_close(mu.double(), ref_mu_loops(dW, w_hat, 1.0, g_idx, "group", 3))
+    _, layer_mu = _layer_markers_mu(torch.eye(7), dW, g_idx, 3, 1.0, "group")  # A_T = I: dW itself
+    torch.testing.assert_close(layer_mu.double(), ref_mu_loops(dW, w_hat, 1.0, g_idx, "group", 3))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,6 +322,10 @@ def test_forward_backward_match_float64_autograd(gran, act_order, bias):
     torch.testing.assert_close(layer.B_T.grad.double(), B64.grad, **tol)
     torch.testing.assert_close(effective_weight(base, layer.A_T, layer.B_T, omega, gran), w_eff.detach(),
                                rtol=1e-12, atol=1e-12)
+    G = x64.detach().reshape(-1, 16).t() @ up.double().reshape(-1, 12)
+    d_dw = ste_grad_dW(G, base, omega, gran)  # the method page's straight-through gradient
+    torch.testing.assert_close(d_dw @ B64.detach().t(), A64.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(A64.detach().t() @ d_dw, B64.grad, rtol=1e-10, atol=1e-10)
 
 
 def test_group_gradient_is_the_papers_formula():
@@ -312,6 +340,7 @@ def test_group_gradient_is_the_papers_formula():
     gsum = G.view(4, 4, 12).sum(dim=1, keepdim=True).expand(4, 4, 12).reshape(16, 12)
     s = base.scales.double().repeat_interleave(4, dim=0)
     d_dw = s * (G + gsum / (omega * 4))
+    torch.testing.assert_close(ste_grad_dW(G, base, omega, "group"), d_dw, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(layer.A_T.grad.double(), d_dw @ layer.B_T.detach().double().t(),
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.B_T.grad.double(), layer.A_T.detach().double().t() @ d_dw,

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from lotaqaf_cli.cli import main
+from lotaqaf_cli.core.quant import pack_ternary, unpack_ternary
 from lotaqaf_cli.errors import LotaqafError
-from lotaqaf_cli.io.adapter import check_base, pack_ternary, read_adapter, unpack_ternary
+from lotaqaf_cli.io.adapter import check_base, read_adapter
 
 
 def test_ternary_packing_roundtrip():

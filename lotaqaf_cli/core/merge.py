@@ -21,6 +21,14 @@ from .qlinear import QuantLinear, replace_module
 from .quant import max_code, rtn_quantize
 from .ternary import TernaryLinear, merged_zeros
 
+PROBE_SEED, PROBE_SHAPE = 0, (4, 64)  # the merge certificate's probe batch
+
+
+def probe_batch(vocab: int) -> torch.Tensor:
+    """Fixed random token ids [4, 64] (seed 0) on which the certificate compares logits."""
+    g = torch.Generator().manual_seed(PROBE_SEED)
+    return torch.randint(3, vocab, PROBE_SHAPE, generator=g)
+
 
 @dataclass
 class MergedLayer:
@@ -49,6 +57,11 @@ def unmerge_layer(merged: QuantLinear, markers: torch.Tensor, int_zeros: torch.T
                                       merged.bits, merged.group_size, merged.bias)
 
 
+@torch.no_grad()
+def unmerge_model(model: nn.Module, merged: dict[str, dict]) -> None:
+    """Undo a merge in place: ``merged`` maps layer names to their ``markers`` and ``int_zeros``."""
+    for name, m in merged.items():
+        replace_module(model, name, unmerge_layer(model.get_submodule(name), m["markers"], m["int_zeros"]))
 
 
 @torch.no_grad()

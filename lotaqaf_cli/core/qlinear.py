@@ -31,6 +31,11 @@ def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(owner) if owner else root, child, module)
 
 
+def quantized_modules(model: nn.Module) -> dict[str, "QuantLinear"]:
+    """Every QuantLinear of ``model`` by its dotted name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False):
         super().__init__()

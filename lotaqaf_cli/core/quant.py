@@ -50,10 +50,6 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return torch.clamp(torch.round(w / scale) + zero, 0, max_code(bits))
 
 
-def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return scale * (codes - zero)
-
-
 def group_index(d_in: int, group_size: int) -> torch.Tensor:
     """g_idx without act-order: row i belongs to group i // group_size (-1: one group)."""
     gs = d_in if group_size <= 0 else group_size
@@ -196,3 +192,19 @@ def unpack_zeros_v1(qzeros: torch.Tensor, bits: int, n_cols: int) -> torch.Tenso
         return ((unpack_cols(qzeros, bits, n_cols).to(torch.int64) + 1) % 8).to(torch.uint8)
     words = (qzeros.to(torch.int64) & 0xFFFFFFFF) + _ones_words(bits, qzeros.shape[1]).view(1, -1)
     return unpack_cols(_to_int32(words), bits, n_cols)
+
+
+def pack_ternary(t: torch.Tensor) -> torch.Tensor:
+    """Ternary values {-1, 0, 1} (any shape) -> int32 words: value + 1 as 2-bit codes, flattened
+    row-major, 16 per word in GPTQ's bit order, padded with zeros (code 1) to a whole word."""
+    flat = (t.detach().round().to(torch.int64).flatten() + 1).cpu()
+    pad = (-flat.numel()) % 16
+    flat = torch.cat([flat, torch.ones(pad, dtype=torch.int64)])
+    return pack_rows(flat.view(-1, 1), 2)[:, 0].contiguous()
+
+
+def unpack_ternary(words: torch.Tensor, shape) -> torch.Tensor:
+    """Inverse of :func:`pack_ternary`: int8 tensor of ``shape``."""
+    n = int(torch.tensor(shape).prod())
+    flat = unpack_rows(words.view(-1, 1), 2)[:, 0].to(torch.int8) - 1
+    return flat[:n].view(*shape)

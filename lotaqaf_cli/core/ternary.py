@@ -9,6 +9,9 @@ B_T [r, D_out]; dW = A_T @ B_T has integer entries in [-r, r].
 - W_eff = s[g] * (W_int - z[g] + W_hat + mu[g]);  y = x @ W_eff (+ bias)
 - gradient: straight-through (d W_hat / d dW = identity), flowing through mu as well.
 
+The granularity of mu (the set each mean runs over) lives in one place, the _OffsetPooling classes;
+the layer picks its instance once. Plain float64 references of these formulas are in tests/reference.py.
+
 Pure tensor math: no I/O, no printing.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -89,7 +93,7 @@ def boundary_masks(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
 
 
 # ----------------------------------------------------------------------------------------------
-# Markers and offset factor
+# Markers (sparse, with the boundary check) and the group layout
 # ----------------------------------------------------------------------------------------------
 
 def _mask_at(mask: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
@@ -121,20 +125,6 @@ def marker_entries(dW: torch.Tensor, omega: float, can_up: torch.Tensor | None =
     return idx[ok], up[ok].to(torch.int8) * 2 - 1, blocked
 
 
-def markers(dW: torch.Tensor, omega: float, can_up: torch.Tensor | None = None,
-            can_down: torch.Tensor | None = None, return_blocked: bool = False):
-    """W_hat = sign(dW) * [|dW| > omega] as int8 [D_in, D_out], with the boundary check.
-
-    ``can_up`` / ``can_down`` are either bool tensors shaped like ``dW`` or packed uint8 words from
-    :func:`boundary_masks` (None: no check on that side). With ``return_blocked`` also returns the
-    number of markers the boundary suppressed (an int).
-    """
-    idx, val, blocked = marker_entries(dW, omega, can_up, can_down)
-    w_hat = torch.zeros(dW.shape, dtype=torch.int8, device=dW.device)
-    w_hat.view(-1)[idx] = val
-    return (w_hat, int(blocked)) if return_blocked else w_hat
-
-
 def _check_granularity(granularity: str) -> None:
     if granularity not in GRANULARITIES:
         raise ValueError(f"offset granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -150,57 +140,115 @@ def contiguous_group_size(g_idx: torch.Tensor, n_groups: int) -> int | None:
     return gs if torch.equal(g_idx.long(), ref) else None
 
 
-def _group_sum(t: torch.Tensor, g_idx: torch.Tensor, n_groups: int, gs: int | None) -> torch.Tensor:
-    """Sum of the rows of ``t`` [D_in, D_out] within each group -> [G, D_out]."""
-    if gs is not None:
-        return t.view(n_groups, gs, t.shape[1]).sum(dim=1)
-    return t.new_zeros(n_groups, t.shape[1]).index_add_(0, g_idx.long(), t)
-
-
 def _group_counts(g_idx: torch.Tensor, n_groups: int) -> torch.Tensor:
     return torch.bincount(g_idx.long(), minlength=n_groups)[:n_groups]
 
 
-def offset_factor(dW: torch.Tensor, W_hat: torch.Tensor, omega: float, g_idx: torch.Tensor,
-                  granularity: str = "group", num_groups: int | None = None) -> torch.Tensor | None:
-    """mu = mean of R = dW - omega * W_hat, divided by omega.
+# ----------------------------------------------------------------------------------------------
+# Offset granularity: the set each mean of mu runs over (and so the gradient's extra term)
+# ----------------------------------------------------------------------------------------------
 
-    group: over the rows of each group (g_idx, act-order allowed) -> [G, D_out];
-    channel: over all D_in rows -> [1, D_out]; tensor: over all elements -> [1, 1]; none: None.
-    ``num_groups`` defaults to max(g_idx) + 1; an empty group gets mu = 0.
+@dataclass(frozen=True)
+class _GroupLayout:
+    """Which input rows form each quantization group: ``g_idx`` [D_in], ``n_groups`` G, ``gs`` the
+    group size when the groups are contiguous rows (else None: act-order or uneven groups, handled by
+    gathers / index_add_), ``counts`` the rows per group (int64 [G], at least 1)."""
+
+    g_idx: torch.Tensor
+    n_groups: int
+    gs: int | None
+    counts: torch.Tensor
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of the rows of ``t`` [D_in, D_out] within each group -> [G, D_out]."""
+        if self.gs is not None:
+            return t.view(self.n_groups, self.gs, t.shape[1]).sum(dim=1)
+        return t.new_zeros(self.n_groups, t.shape[1]).index_add_(0, self.g_idx.long(), t)
+
+    def scale_rows_(self, g: torch.Tensor, s: torch.Tensor) -> None:
+        """g[i, j] *= s[g_idx[i], j], in place (``s`` [G, D_out])."""
+        if self.gs is not None:
+            gv = g.view(self.n_groups, self.gs, g.shape[1])
+            gv *= s[:, None]
+        else:
+            g *= s[self.g_idx.long()]
+
+    def add_mean_grad_(self, g: torch.Tensor, omega: float) -> None:
+        """g[i, j] += (sum of g over the rows of group(i), column j) / (omega * n_group), in place."""
+        if self.gs is not None:
+            gv = g.view(self.n_groups, self.gs, g.shape[1])
+            gv += (gv.sum(dim=1) / (omega * self.gs))[:, None]
+        else:
+            idx = self.g_idx.long()
+            sums = g.new_zeros(self.n_groups, g.shape[1]).index_add_(0, idx, g)
+            g += (sums / (self.counts.to(g.dtype)[:, None] * omega))[idx]
+
+
+class _OffsetPooling:
+    """One offset granularity: how mu pools R = dW - omega * W_hat, and the matching term of dL/d dW.
+
+    The subclasses are the only code that knows the granularities; the layer picks its instance from
+    :data:`_POOLINGS` once. ``residual``: whether mu needs R (False only for "none").
     """
-    _check_granularity(granularity)
-    if granularity == "none":
+
+    name: str
+    residual = True
+
+    def mu(self, R: torch.Tensor, omega: float, groups: _GroupLayout) -> torch.Tensor | None:
+        """mu (fp32) from R (fp32 [D_in, D_out], may be overwritten); None: no offset factor."""
+        raise NotImplementedError
+
+    def add_grad_(self, h: torch.Tensor, omega: float, groups: _GroupLayout) -> None:
+        """In place, h = s[g] * G += (sum of h over the mean's set) / (omega * set size): mu's share of
+        dL/d dW under the straight-through estimator."""
+        raise NotImplementedError
+
+
+class _NoPooling(_OffsetPooling):
+    name, residual = "none", False
+
+    def mu(self, R, omega, groups):
         return None
-    dtype = dW.dtype if dW.is_floating_point() else torch.float32
-    R = dW.to(dtype) - omega * W_hat.to(dtype)
-    if granularity == "channel":
+
+    def add_grad_(self, h, omega, groups):
+        pass
+
+
+class _GroupPooling(_OffsetPooling):
+    name, residual = "group", True
+
+    def mu(self, R, omega, groups):
+        mu = groups.sum(R)
+        mu /= groups.counts.to(mu.dtype)[:, None] * omega
+        return mu
+
+    def add_grad_(self, h, omega, groups):
+        groups.add_mean_grad_(h, omega)
+
+
+class _ChannelPooling(_OffsetPooling):
+    name, residual = "channel", True
+
+    def mu(self, R, omega, groups):
         return R.mean(dim=0, keepdim=True) / omega
-    if granularity == "tensor":
+
+    def add_grad_(self, h, omega, groups):
+        h += h.sum(dim=0, keepdim=True) / (omega * h.shape[0])
+
+
+class _TensorPooling(_OffsetPooling):
+    name, residual = "tensor", True
+
+    def mu(self, R, omega, groups):
         return R.mean().view(1, 1) / omega
-    n_groups = int(g_idx.max()) + 1 if num_groups is None else num_groups
-    sums = _group_sum(R, g_idx, n_groups, contiguous_group_size(g_idx, n_groups))
-    counts = _group_counts(g_idx, n_groups).clamp(min=1).to(dtype)
-    return sums / counts[:, None] / omega
+
+    def add_grad_(self, h, omega, groups):
+        h += h.sum() / (omega * h.numel())
 
 
-def _mu_rows(mu: torch.Tensor | None, g_idx: torch.Tensor, granularity: str):
-    """mu broadcastable to [D_in, D_out] (0 when there is none)."""
-    if mu is None:
-        return 0.0
-    return mu[g_idx.long()] if granularity == "group" else mu
-
-
-def effective_weight(base: QuantLinear, A_T: torch.Tensor, B_T: torch.Tensor, omega: float,
-                     granularity: str = "group", dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Plain reference W_eff = s[g] * (W_int - z[g] + W_hat + mu[g]), input-major, in ``dtype``."""
-    codes = base.codes.to(dtype)
-    dW = A_T.detach().to(dtype) @ B_T.detach().to(dtype)
-    w_hat = markers(dW, omega, base.codes < max_code(base.bits), base.codes > 0).to(dtype)
-    mu = offset_factor(dW, w_hat, omega, base.g_idx, granularity, num_groups=base.scales.shape[0])
-    g = base.g_idx.long()
-    s, z = base.scales.to(dtype)[g], base.zeros.to(dtype)[g]
-    return s * (codes - z + w_hat + _mu_rows(mu, base.g_idx, granularity))
+_POOLINGS: dict[str, _OffsetPooling] = {
+    p.name: p for p in (_GroupPooling(), _ChannelPooling(), _TensorPooling(), _NoPooling())}
+assert tuple(_POOLINGS) == GRANULARITIES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,10 +314,11 @@ class TernaryLinear(nn.Module):
     def __init__(self, base: QuantLinear, rank: int, omega: float, offset_granularity: str = "group",
                  generator: torch.Generator | None = None):
         super().__init__()
-        check_hparams(rank, omega, offset_granularity)
+        check_hparams(rank, omega, offset_granularity)  # the one check (attach_ternary_adapters relies on it)
         self.base = base
         base.requires_grad_(False)
-        self.rank, self.omega, self.offset_granularity = int(rank), float(omega), offset_granularity
+        self.rank, self.omega = int(rank), float(omega)
+        self._pooling = _POOLINGS[offset_granularity]
         dtype = base.scales.dtype if base.scales.is_floating_point() else torch.float32
         dev = base.codes.device
         d_in, d_out = base.codes.shape
@@ -282,6 +331,11 @@ class TernaryLinear(nn.Module):
         self.refresh_boundary()
         # Loading new codes (e.g. a checkpoint) into the base refreshes the derived masks.
         self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_boundary())
+
+    @property
+    def offset_granularity(self) -> str:
+        """The set each mean of the offset factor runs over: one of GRANULARITIES."""
+        return self._pooling.name
 
     @property
     def in_features(self) -> int:
@@ -298,25 +352,21 @@ class TernaryLinear(nn.Module):
         self._gs = contiguous_group_size(self.base.g_idx, self._n_groups)
         self.group_counts = _group_counts(self.base.g_idx, self._n_groups).clamp(min=1)
 
+    @property
+    def _groups(self) -> _GroupLayout:
+        """The group layout, on the buffers' current device (rebuilt per call: no tensors to go stale
+        when the module is moved)."""
+        return _GroupLayout(self.base.g_idx, self._n_groups, self._gs, self.group_counts)
+
     # -- math shared by forward, backward and the logging helpers ------------------------------
 
     def _markers_mu(self, A_T, B_T):
         """Sparse markers (idx, val), mu (fp32 or None) and the blocked count (0-d tensor)."""
         dW = A_T.detach().float() @ B_T.detach().float()  # integers in [-r, r]: exact in fp32
         idx, val, blocked = marker_entries(dW, self.omega, self.can_up_bits, self.can_down_bits)
-        mu = None
-        gran = self.offset_granularity
-        if gran != "none":
-            if idx.numel():  # R = dW - omega * W_hat, in place
-                dW.view(-1).index_add_(0, idx, val.to(dW.dtype), alpha=-self.omega)
-            if gran == "channel":
-                mu = dW.mean(dim=0, keepdim=True) / self.omega
-            elif gran == "tensor":
-                mu = dW.mean().view(1, 1) / self.omega
-            else:
-                mu = _group_sum(dW, self.base.g_idx, self._n_groups, self._gs)
-                mu /= self.group_counts.to(mu.dtype)[:, None] * self.omega
-        return idx, val, mu, blocked
+        if self._pooling.residual and idx.numel():  # R = dW - omega * W_hat, in place
+            dW.view(-1).index_add_(0, idx, val.to(dW.dtype), alpha=-self.omega)
+        return idx, val, self._pooling.mu(dW, self.omega, self._groups), blocked
 
     def _effective(self, A_T, B_T) -> torch.Tensor:
         """W_eff fp32 [D_in, D_out] = s[g] * ((W_int + W_hat) - (z - mu)[g])."""
@@ -340,23 +390,9 @@ class TernaryLinear(nn.Module):
     def _grad_dW(self, g: torch.Tensor) -> torch.Tensor:
         """dL/d dW from G = x^T dy (fp32, overwritten): H + (sum of H over the mean's set) / (omega * n),
         H = s[g] * G. For the group mean s is constant in the set: s * (G + sum G / (omega * n_g))."""
-        base, gran = self.base, self.offset_granularity
-        s = base.scales.float()
-        if self._gs is not None:
-            gv = g.view(self._n_groups, self._gs, g.shape[1])
-            gv *= s[:, None]
-            if gran == "group":
-                gv += (gv.sum(dim=1) / (self.omega * self._gs))[:, None]
-        else:
-            idx = base.g_idx.long()
-            g *= s[idx]
-            if gran == "group":
-                sums = g.new_zeros(self._n_groups, g.shape[1]).index_add_(0, idx, g)
-                g += (sums / (self.group_counts.to(g.dtype)[:, None] * self.omega))[idx]
-        if gran == "channel":
-            g += g.sum(dim=0, keepdim=True) / (self.omega * g.shape[0])
-        elif gran == "tensor":
-            g += g.sum() / (self.omega * g.numel())
+        groups = self._groups
+        groups.scale_rows_(g, self.base.scales.float())
+        self._pooling.add_grad_(g, self.omega, groups)
         return g
 
     # -- public ----------------------------------------------------------------------------------
@@ -393,8 +429,8 @@ def attach_ternary_adapters(model: nn.Module, rank: int, omega: float, offset_gr
                             generator: torch.Generator | None = None) -> list[str]:
     """Replace every QuantLinear whose name ends with one of ``target_modules`` (whole dotted
     component) by a TernaryLinear. Returns the replaced names (in module order). Other parameters
-    of the model are left as they are."""
-    check_hparams(rank, omega, offset_granularity)
+    of the model are left as they are. Invalid hyper-parameters raise ValueError from the first
+    TernaryLinear, before any module is replaced."""
     targets = tuple(target_modules)
     names = [n for n, m in model.named_modules()
              if isinstance(m, QuantLinear) and any(n == t or n.endswith("." + t) for t in targets)]

@@ -201,7 +201,7 @@ def category_group(category: str) -> str:
     return f"{GROUP_NAME}_{category}"
 
 
-def _task_config(subject: str, test_file: Path, dev_file: Path) -> dict:
+def task_config(subject: str, test_file: Path, dev_file: Path) -> dict:
     return {
         "task": task_name(subject),
         "task_alias": subject,
@@ -256,7 +256,7 @@ def build_offline_tasks(out_dir: str | Path, path: str | Path | None = None,
         for file, rows in ((test_file, sp.test), (dev_file, sp.fewshot)):
             _write_if_changed(file, "".join(json.dumps(q.as_doc()) + "\n" for q in rows))
         _write_if_changed(out / f"{task_name(subject)}.yaml",
-                          json.dumps(_task_config(subject, test_file, dev_file), indent=1))
+                          json.dumps(task_config(subject, test_file, dev_file), indent=1))
         names.append(task_name(subject))
     cats = []
     for cat in CATEGORIES:

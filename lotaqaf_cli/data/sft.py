@@ -208,7 +208,7 @@ def load_jsonl(path: str) -> list[dict]:
 def _offline_if_unreachable():
     """Put datasets / huggingface_hub in offline mode while the hub cannot be reached, so a missing
     network fails in about a second (a cached copy still loads) instead of retrying for ~25 s."""
-    from ..io.models import hub_reachable
+    from ..io.hub import hub_reachable
 
     if hub_reachable():
         yield
@@ -339,16 +339,6 @@ def self_distill_records(model, tokenizer, n_samples: int, max_new_tokens: int, 
     return records[:n_samples]
 
 
-def records_for(data: str, *, model=None, tokenizer=None, path: str | None = None, n_samples: int | None = None,
-                seed: int = 0, max_new_tokens: int = 256, progress=None) -> list[dict]:
-    """Dispatch on the ``data`` setting: self_distill (needs ``model`` and ``n_samples``) or a loader."""
-    if data == "self_distill":
-        if model is None or n_samples is None:
-            raise LotaqafError("data=self_distill needs the 16-bit model and n_samples")
-        return self_distill_records(model, tokenizer, n_samples, max_new_tokens, seed, progress=progress)
-    return load_records(data, path, n_samples, seed)
-
-
 # --------------------------------------------------------------------------- batches
 
 
@@ -388,10 +378,6 @@ class SFTBatches:
     def step(self) -> int:
         """Batches consumed so far."""
         return (self.epoch * self.n_examples + self.position) // self.batch_size
-
-    @property
-    def epochs_done(self) -> float:
-        return self.epoch + self.position / self.n_examples
 
     def _perm(self, epoch: int) -> list[int]:
         if epoch not in self._perms:

@@ -4,8 +4,9 @@
 - LoTA-QAF: `NAME.A_T` and `NAME.B_T` as 2-bit codes (value + 1 in {0, 1, 2}) packed 16 per
   int32 word in GPTQ's bit order, flattened row-major and zero-padded to a whole word;
 - LoRA / QA-LoRA: `NAME.lora_A`, `NAME.lora_B` in their training dtype.
-The safetensors metadata holds a JSON header: kind, rank, omega, offset factor, target modules,
-shapes, and `base_hash` (content hash of the quantized base). Loading onto another base is refused.
+The safetensors metadata holds a JSON header: the adapter's spec (kind, rank, omega,
+offset_granularity or alpha, target_modules), steps, seed, shapes, and `base_hash` (content hash of
+the quantized base). Loading onto another base is refused.
 """
 
 from __future__ import annotations
@@ -17,25 +18,39 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.lora import LoRALinear
-from ..core.quant import pack_rows, unpack_rows
-from ..core.ternary import TernaryLinear
+from ..core.lora import LoRALinear, attach_lora
+from ..core.quant import pack_ternary, unpack_ternary
+from ..core.ternary import TernaryLinear, attach_ternary_adapters
 from ..errors import LotaqafError
 
 FORMAT = "lotaqaf-adapter-v1"
+KINDS = ("lota", "lora", "qalora")
+SPEC_KEYS = {"lota": ("kind", "rank", "omega", "offset_granularity", "target_modules"),
+             "lora": ("kind", "rank", "alpha", "dropout", "target_modules")}
+SPEC_KEYS["qalora"] = SPEC_KEYS["lora"]
 
 
-def pack_ternary(t: torch.Tensor) -> torch.Tensor:
-    flat = (t.detach().round().to(torch.int64).flatten() + 1).cpu()
-    pad = (-flat.numel()) % 16
-    flat = torch.cat([flat, torch.ones(pad, dtype=torch.int64)])  # padding encodes 0
-    return pack_rows(flat.view(-1, 1), 2)[:, 0].contiguous()
+def adapter_spec(kind: str, target_modules, **settings) -> dict:
+    """What defines an adapter's layers (the header keys of its file): kind, rank, target modules and
+    omega + offset_granularity (lota) or alpha + dropout (lora, qalora)."""
+    spec = {"kind": kind, "target_modules": list(target_modules), **settings}
+    return {k: spec[k] for k in SPEC_KEYS[kind]}
 
 
-def unpack_ternary(words: torch.Tensor, shape) -> torch.Tensor:
-    n = int(torch.tensor(shape).prod())
-    flat = unpack_rows(words.view(-1, 1), 2)[:, 0].to(torch.int8) - 1
-    return flat[:n].view(*shape)
+def attach_adapter(model: nn.Module, spec: dict, seed: int = 0) -> list[str]:
+    """Attach the adapter layers ``spec`` describes to every targeted quantized layer (fresh init,
+    seeded). Returns the adapted layer names."""
+    targets = list(spec["target_modules"])
+    if spec["kind"] == "lota":
+        g = torch.Generator().manual_seed(seed)
+        names = attach_ternary_adapters(model, spec["rank"], spec["omega"], spec["offset_granularity"], targets,
+                                        generator=g)
+    else:
+        torch.manual_seed(seed)
+        names = attach_lora(model, spec["kind"], spec["rank"], spec["alpha"], spec.get("dropout", 0.0), targets)
+    if not names:
+        raise LotaqafError(f"no quantized layer matches model.target_modules={targets}")
+    return names
 
 
 def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -74,7 +89,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, header: dict) -> Non
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata={"lotaqaf": json.dumps(meta)})
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -92,6 +107,28 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     shapes = meta.get("shapes", {})
     tensors = {k: (unpack_ternary(v, shapes[k]) if k in shapes else v) for k, v in raw.items()}
     return meta, tensors
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, base_hash: str) -> dict:
+    """Attach the adapter of file ``path`` to ``model`` (its quantized base, content hash ``base_hash``)
+    and load its tensors, in place. Returns the file's header."""
+    meta, tensors = read_adapter(path)
+    check_base(meta, base_hash, path)
+    if "offset_factor" in meta and "offset_granularity" not in meta:  # files written before the rename
+        meta["offset_granularity"] = meta.pop("offset_factor")
+    attach_adapter(model, adapter_spec(meta["kind"], meta["target_modules"],
+                                       **{k: meta.get(k, 0.0) for k in SPEC_KEYS[meta["kind"]][1:-1]}))
+    layers = adapter_layers(model)
+    if sorted(layers) != sorted(meta["layers"]):
+        raise LotaqafError(f"adapter {path} does not match the layers of its base")
+    with torch.no_grad():
+        for name, m in layers.items():
+            for p_name, p in m.named_parameters(recurse=False):
+                key = f"{name}.{p_name}"
+                if key not in tensors or tuple(tensors[key].shape) != tuple(p.shape):
+                    raise LotaqafError(f"adapter {path} is corrupted: {key} is missing or misshapen")
+                p.copy_(tensors[key].to(p.dtype))
+    return meta
 
 
 def check_base(meta: dict, base_hash: str, path) -> None:

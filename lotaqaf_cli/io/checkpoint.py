@@ -1,4 +1,5 @@
-"""GPTQ checkpoints (the layout gptqmodel writes and reads) and atomic writes.
+"""GPTQ checkpoints: the layout gptqmodel writes and reads (the file format only; atomic writes and
+manifests are io/files.py's).
 
 Per quantized linear `name`: `name.qweight` int32 [D_in*bits/32, D_out], `name.qzeros` int32
 [G, D_out*bits/32] holding z - 1 ("v1"), `name.scales` fp16 [G, D_out], `name.g_idx` int32 [D_in],
@@ -9,60 +10,32 @@ that a truncated or corrupted checkpoint is detected on load.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import __version__
-from ..core.qlinear import QuantLinear, replace_module
-from ..core.quant import pack_rows, pack_zeros_v1, unpack_rows, unpack_zeros_v1
+from ..core.qlinear import QuantLinear, quantized_modules, replace_module
+from ..core.quant import pack_rows, pack_ternary, pack_zeros_v1, unpack_rows, unpack_ternary, unpack_zeros_v1
 from ..errors import LotaqafError
-from .models import file_sha256
+from .files import atomic_dir, file_sha256, read_safetensors, verify_manifest, write_manifest
 
-MANIFEST = "lotaqaf_manifest.json"
 WEIGHTS = "model.safetensors"
+QUANT_CONFIG = "quantize_config.json"
+# lotaqaf's names for the quantizer settings -> the keys of quantize_config.json (the file format's
+# names: act_order is gptqmodel's desc_act). Only this module translates between the two.
+SETTING_KEYS = {"bits": "bits", "group_size": "group_size", "act_order": "desc_act",
+                "static_groups": "static_groups", "true_sequential": "true_sequential",
+                "damp_percent": "damp_percent"}
+SETTING_DEFAULTS = {"act_order": False, "static_groups": False, "true_sequential": False, "damp_percent": 0.01}
 
 
-# ---------------------------------------------------------------------------------------------
-# atomic writes
-# ---------------------------------------------------------------------------------------------
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-@contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike):
-    """Yield a temporary sibling directory; rename it to ``final`` only if the block succeeds."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+def is_checkpoint(directory: str | os.PathLike) -> bool:
+    return (Path(directory) / QUANT_CONFIG).is_file()
 
 
 def gptq_tensors(name: str, m: QuantLinear, merged=None) -> dict[str, torch.Tensor]:
@@ -82,8 +55,6 @@ def gptq_tensors(name: str, m: QuantLinear, merged=None) -> dict[str, torch.Tens
     if m.bias is not None:
         out[f"{name}.bias"] = m.bias.detach().clone()
     if merged is not None:
-        from .adapter import pack_ternary
-
         out[f"{name}.markers"] = pack_ternary(merged.markers)
     if not torch.equal(m.zeros.float(), int_zeros.float()):  # fractional zero points (merged model)
         out[f"{name}.zero_points"] = m.zeros.detach().float().contiguous().clone()
@@ -99,10 +70,11 @@ def content_hash(ckpt_dir: str | os.PathLike) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, quant_config: dict,
+def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, settings: dict,
                    provenance: dict, merged: dict | None = None) -> str:
-    """Write a GPTQ checkpoint atomically; returns its content hash. ``merged`` maps layer names
-    to core.merge.MergedLayer for a merged LoTA-QAF model."""
+    """Write a GPTQ checkpoint atomically; returns its content hash. ``settings`` are the quantizer
+    settings in lotaqaf's names (bits, group_size, act_order, ...); ``merged`` maps layer names to
+    core.merge.MergedLayer for a merged LoTA-QAF model."""
     from safetensors.torch import save_file
 
     qmods = quantized_modules(model)
@@ -119,60 +91,27 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, quan
             continue
         tensors[k] = v.detach().contiguous().clone()
 
-    qcfg = {
-        "bits": quant_config["bits"], "group_size": quant_config["group_size"],
-        "desc_act": quant_config["act_order"], "sym": False, "lm_head": False,
-        "static_groups": quant_config.get("static_groups", False),
-        "true_sequential": quant_config.get("true_sequential", False),
-        "damp_percent": quant_config.get("damp_percent", 0.01),
-        "quant_method": "gptq", "checkpoint_format": "gptq", "pack_dtype": "int32",
+    full = {**SETTING_DEFAULTS, **{k: v for k, v in settings.items() if k in SETTING_KEYS}}
+    qcfg = {SETTING_KEYS[k]: full[k] for k in SETTING_KEYS}
+    qcfg.update({
+        "sym": False, "lm_head": False, "quant_method": "gptq", "checkpoint_format": "gptq", "pack_dtype": "int32",
         # gptqmodel loads an asymmetric v1 checkpoint only if it declares the zero-point encoding of
         # gptqmodel >= 0.9 (word-wise z - 1), which is exactly what pack_zeros_v1 writes (tested
         # bit for bit against gptqmodel's own files); see docs/decisions.md.
         "meta": {"quantizer": [f"lotaqaf:{__version__}", "gptqmodel:0.9.0"]},
         "lotaqaf": provenance,
-    }
+    })
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         cfg = model.config.to_dict()
         cfg["quantization_config"] = {k: v for k, v in qcfg.items() if k != "lotaqaf"}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
-        (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2, default=str) + "\n")
+        (tmp / QUANT_CONFIG).write_text(json.dumps(qcfg, indent=2, default=str) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        manifest = {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_manifest(tmp)
         chash = content_hash(tmp)
     return chash
-
-
-def verify_manifest(ckpt_dir: Path) -> None:
-    mf = ckpt_dir / MANIFEST
-    if not mf.is_file():
-        return  # written by another tool (gptqmodel): nothing to check against
-    try:
-        manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError:
-        raise LotaqafError(f"{mf} is corrupted (not JSON)") from None
-    for name, digest in manifest.items():
-        f = ckpt_dir / name
-        if not f.is_file():
-            raise LotaqafError(f"checkpoint {ckpt_dir} is incomplete: {name} is missing")
-        if file_sha256(f) != digest:
-            raise LotaqafError(f"checkpoint {ckpt_dir} is corrupted: {name} does not match its recorded sha256 "
-                               "(truncated or modified)")
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise LotaqafError(f"cannot read {path}: corrupted or truncated safetensors file ({str(e)[:120]})") from None
-
-
 
 
 def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
@@ -187,10 +126,10 @@ def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float
     d = Path(ckpt_dir)
     verify_manifest(d)
     try:
-        qcfg = json.loads((d / "quantize_config.json").read_text())
+        qcfg = json.loads((d / QUANT_CONFIG).read_text())
         bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
     except (OSError, json.JSONDecodeError, KeyError, ValueError):
-        raise LotaqafError(f"{d}/quantize_config.json is missing or unreadable") from None
+        raise LotaqafError(f"{d}/{QUANT_CONFIG} is missing or unreadable") from None
     index = d / "model.safetensors.index.json"
     if index.is_file():
         files = sorted({d / f for f in json.loads(index.read_text())["weight_map"].values()})
@@ -209,17 +148,21 @@ def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
 
     names = [k[: -len(".qweight")] for k in state if k.endswith(".qweight")]
+    merged = {}
     for name in names:
         qweight, qzeros = state.pop(f"{name}.qweight"), state.pop(f"{name}.qzeros")
         scales, g_idx = state.pop(f"{name}.scales").float(), state.pop(f"{name}.g_idx", None)
         bias = state.pop(f"{name}.bias", None)
         zero_points = state.pop(f"{name}.zero_points", None)
-        state.pop(f"{name}.markers", None)
+        markers = state.pop(f"{name}.markers", None)
         d_in, d_out = qweight.shape[0] * 32 // bits, qweight.shape[1]
         if g_idx is None:
             g_idx = torch.arange(d_in, dtype=torch.int32) // (d_in if group_size <= 0 else group_size)
         codes = unpack_rows(qweight, bits, d_in)
-        zeros = unpack_zeros_v1(qzeros, bits, d_out).float() if zero_points is None else zero_points.float()
+        int_zeros = unpack_zeros_v1(qzeros, bits, d_out).float()
+        zeros = int_zeros if zero_points is None else zero_points.float()
+        if markers is not None:  # a merged LoTA-QAF layer: what unmerge needs
+            merged[name] = {"markers": unpack_ternary(markers, (d_in, d_out)), "int_zeros": int_zeros}
         replace_module(model, name, QuantLinear.from_quantized(codes, scales, zeros, g_idx, bits, group_size,
                                                             None if bias is None else bias.float()))
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
@@ -236,7 +179,9 @@ def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float
     if (d / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file():
         tok = AutoTokenizer.from_pretrained(str(d))
     chash = content_hash(d) if (d / WEIGHTS).is_file() else "sha256:" + file_sha256(files[0])
-    return model, tok, {"quantize_config": qcfg, "content_hash": chash, "bits": bits, "group_size": group_size}
+    settings = {k: qcfg.get(f, SETTING_DEFAULTS.get(k)) for k, f in SETTING_KEYS.items()}
+    return model, tok, {"quantize_config": qcfg, "settings": settings, "provenance": qcfg.get("lotaqaf", {}),
+                        "content_hash": chash, "merged": merged}
 
 
 def quantized_tensor_hash(ckpt_dir: str | os.PathLike) -> str:
@@ -249,20 +194,3 @@ def quantized_tensor_hash(ckpt_dir: str | os.PathLike) -> str:
             t = state[k].contiguous()
             h.update(k.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode() + t.numpy().tobytes())
     return "sha256:" + h.hexdigest()
-
-
-def unmerge_state(state: dict[str, torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
-    """Tensors of a merged checkpoint -> the base's: codes - markers, integer zeros, no extras."""
-    from .adapter import unpack_ternary
-
-    out = dict(state)
-    for k in [k for k in state if k.endswith(".markers")]:
-        name = k[: -len(".markers")]
-        qweight = state[f"{name}.qweight"]
-        d_in, d_out = qweight.shape[0] * 32 // bits, qweight.shape[1]
-        codes = unpack_rows(qweight, bits, d_in).to(torch.int16)
-        codes -= unpack_ternary(state[k], (d_in, d_out)).to(torch.int16)
-        out[f"{name}.qweight"] = pack_rows(codes, bits)
-        out.pop(k)
-        out.pop(f"{name}.zero_points", None)
-    return out

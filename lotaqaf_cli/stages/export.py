@@ -1,33 +1,28 @@
-"""Stage `export`: a run's merged model in formats other engines load.
+"""Stage `export`: a merged model in formats other engines load.
 
-    lotaqaf export [run=DIR] --format gptq|gguf|hf16 [--allow-lossy]
+    convert(merged, fmt, allow_lossy)   -> (the model as the format holds it, report)   gptq | hf16
+    compare(merged, exported, windows)  -> max |logit difference| (and perplexities)
 
 gptq  the standard GPTQ checkpoint (no fractional zero points): exact when the run used
-      adapter.offset_factor=none; otherwise the zero points must be rounded, which is refused
-      unless --allow-lossy, and then the measured logit and perplexity change is printed.
-gguf  llama.cpp GGUF (io/gguf_export.py): 4-bit layers map onto Q4_1 exactly up to fp16 rounding.
+      adapter.offset_granularity=none; otherwise the zero points must be rounded, which is refused
+      unless export.allow_lossy, and then the measured logit and perplexity change is reported.
+gguf  llama.cpp GGUF (io/gguf_export.py writes it from the merged model itself; 4-bit layers map onto
+      Q4_1 exactly up to fp16 rounding); the command layer reads the file back for compare().
 hf16  dequantized weights in the source architecture (safetensors), for any engine.
-Reads <run>/merged/ (run `lotaqaf merge` first). Writes <run>/export-<format>/.
+Takes the recipe's `export` section; the command layer writes the files.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 
 import torch
 from torch import nn
 
-from .. import ui
+from ..core.merge import probe_batch
 from ..core.perplexity import perplexity
-from ..core.qlinear import QuantLinear, replace_module
+from ..core.qlinear import QuantLinear, quantized_modules, replace_module
 from ..errors import LotaqafError
-from ..io.checkpoint import atomic_dir, load_quantized, quantized_modules, save_quantized, write_json_atomic
-from .merge import find_run, heldout_windows, probe_batch
-
-FORMATS = ("gptq", "gguf", "hf16")
-
-
 
 
 def dequantized_model(model: nn.Module, dtype=torch.float32) -> nn.Module:
@@ -55,10 +50,9 @@ def rounded_zero_model(model: nn.Module) -> tuple[nn.Module, int]:
 
 
 @torch.no_grad()
-def compare(a: nn.Module, b: nn.Module, cfg, info) -> dict:
+def compare(a: nn.Module, b: nn.Module, windows: torch.Tensor | None = None) -> dict:
     probe = probe_batch(a.config.vocab_size)
     out = {"max_abs_logit_diff": (a(probe).logits.float() - b(probe).logits.float()).abs().max().item()}
-    windows = heldout_windows(cfg, info)
     if windows is not None:
         pa, n = perplexity(a, windows)
         pb, _ = perplexity(b, windows)
@@ -67,58 +61,15 @@ def compare(a: nn.Module, b: nn.Module, cfg, info) -> dict:
 
 
 @torch.no_grad()
-def run_export(run: str | None, fmt: str, allow_lossy: bool = False) -> dict:
-    from omegaconf import OmegaConf
-
-    if fmt not in FORMATS:
-        raise LotaqafError(f"unknown export format '{fmt}'; valid: {', '.join(FORMATS)}")
-    run_dir = find_run(run)
-    merged_dir = run_dir / "merged"
-    if not (merged_dir / "quantize_config.json").is_file():
-        raise LotaqafError(f"{run_dir} has no merged model: run `lotaqaf merge run={run_dir}` first")
-    out_dir = run_dir / f"export-{fmt}"
-    if out_dir.exists():
-        raise LotaqafError(f"{out_dir} already exists: remove it to export again")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    model, tok, info = load_quantized(merged_dir)
-    qc = info["quantize_config"]
-    report: dict = {"format": fmt, "source": str(merged_dir), "merged_hash": info["content_hash"]}
-
+def convert(model: nn.Module, fmt: str, allow_lossy: bool = False):
+    """gptq: integer zero points (refused if any is fractional, unless allow_lossy); hf16: dense."""
     if fmt == "gptq":
         plain, n_frac = rounded_zero_model(model)
-        report["fractional_zero_points"] = n_frac
         if n_frac and not allow_lossy:
             raise LotaqafError(f"{n_frac} zero points are fractional (offset factor); plain GPTQ cannot hold them. "
-                               "Train with adapter.offset_factor=none for an exact GPTQ export, or pass --allow-lossy")
-        report.update(compare(model, plain, cfg, info))
-        settings = {"bits": qc["bits"], "group_size": qc["group_size"], "act_order": qc.get("desc_act", False)}
-        with atomic_dir(out_dir) as tmp:
-            save_quantized(plain, tok, tmp, settings, {**qc.get("lotaqaf", {}), "exported_from": info["content_hash"]})
-    elif fmt == "hf16":
-        dense = dequantized_model(model)
-        report.update(compare(model, dense, cfg, info))
-        with atomic_dir(out_dir) as tmp:
-            dense.config.quantization_config = None
-            if hasattr(dense.config, "quantization_config"):
-                del dense.config.quantization_config
-            dense.save_pretrained(str(tmp), safe_serialization=True)
-            if tok is not None:
-                tok.save_pretrained(str(tmp))
-    else:
-        from ..io.gguf_export import export_gguf
-
-        source = cfg.model.path
-        from transformers import AutoModelForCausalLM
-
-        with atomic_dir(out_dir) as tmp:
-            report.update(export_gguf(model, source, tmp / "model.gguf", allow_lossy=allow_lossy))
-            with ui.status("reading the GGUF file back with transformers ..."):
-                back = AutoModelForCausalLM.from_pretrained(str(tmp), gguf_file="model.gguf", dtype=torch.float32)
-            report.update(compare(model, back.eval(), cfg, info))  # what an engine reading the file computes
-    write_json_atomic(run_dir / f"export-{fmt}.json", report)
-    ui.say(f"exported {fmt} to {out_dir}: " + json.dumps({k: v for k, v in report.items()
-                                                          if k in ("max_abs_logit_diff", "perplexity",
-                                                                   "max_weight_error")}))
-    return report
-
-
+                               "Train with adapter.offset_granularity=none for an exact GPTQ export, or pass "
+                               "--allow-lossy")
+        return plain, {"fractional_zero_points": n_frac}
+    if fmt == "hf16":
+        return dequantized_model(model), {}
+    raise ValueError(fmt)

@@ -3,118 +3,42 @@
     adapter=lota   ternary adapters (core/ternary.py) trained with t-SignSGD (core/tsignsgd.py)
     adapter=lora   16-bit LoRA, AdamW          adapter=qalora   QA-LoRA, AdamW
 
-Reads: the quantized base (quantize stage), training data (data.*).
-Writes: <run>/checkpoints/step_NNNNNN/ (every optim.save_every steps, atomically: adapter tensors,
-optimizer state, data position, RNG states), <run>/metrics.jsonl, <run>/adapter.safetensors,
-<run>/train.json. `run.resume=true` continues from the newest complete checkpoint.
+    train(base, examples, spec, optim, seed, store, resume=False, pad_id=0) -> (adapted model, summary)
+
+``base`` is the quantized model (left untouched: the adapters go on a copy), ``examples`` the
+tokenized, prompt-masked training examples, ``spec`` the adapter's layers (io.adapter.adapter_spec
+of the recipe's `adapter` section), ``optim`` the recipe's `optim` section. ``store`` keeps the
+training state: save_checkpoint(step, state) every optim.save_every steps, newest_checkpoint() for
+resume=True, open_metrics(keep_steps) for one metrics row per step (the run directory is one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
-import shutil
 import time
-from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 
 from .. import ui
-from ..core.lora import attach_lora
-from ..core.ternary import TernaryLinear, attach_ternary_adapters, check_hparams
+from ..core.ternary import TernaryLinear
 from ..core.tsignsgd import TSignSGD
-from ..data import sft
-from ..errors import LotaqafError
-from ..io.adapter import adapter_layers, adapter_state, load_adapter_state, save_adapter
-from ..io.checkpoint import atomic_dir, write_json_atomic, write_text_atomic
-from ..io.rundir import cache_key
-from .common import Context, load_source
-
-DATA_VERSION = "sft-v1"
+from ..data.sft import SFTBatches
+from ..io.adapter import adapter_layers, adapter_state, attach_adapter, load_adapter_state
 
 
-# ---------------------------------------------------------------------------------------------
-# setup
-# ---------------------------------------------------------------------------------------------
-
-def check_adapter_config(cfg) -> None:
-    a, o = cfg.adapter, cfg.optim
-    if a.name not in ("lota", "lora", "qalora"):
-        raise LotaqafError(f"unknown adapter '{a.name}'; valid: lota, lora, qalora")
-    if o.name not in ("tsignsgd", "adamw"):
-        raise LotaqafError(f"unknown optimizer '{o.name}'; valid: tsignsgd, adamw")
-    if a.name == "lota":
-        try:
-            check_hparams(a.rank, a.omega, a.offset_factor)
-        except ValueError as e:
-            raise LotaqafError(f"adapter: {e}") from None
-        if o.name != "tsignsgd":
-            raise LotaqafError("adapter=lota trains with optim=tsignsgd (ternary weights have no learning rate)")
-    else:
-        if a.rank < 1:
-            raise LotaqafError(f"adapter.rank must be >= 1, got {a.rank}")
-        if o.name != "adamw":
-            raise LotaqafError(f"adapter={a.name} trains with optim=adamw")
-    if o.steps < 1 or o.batch_size < 1 or o.grad_accum < 1:
-        raise LotaqafError("optim.steps, optim.batch_size and optim.grad_accum must be >= 1")
-
-
-def attach(model, cfg) -> list[str]:
-    a = cfg.adapter
-    targets = list(cfg.model.target_modules)
-    if a.name == "lota":
-        g = torch.Generator().manual_seed(cfg.seed)
-        names = attach_ternary_adapters(model, a.rank, a.omega, a.offset_factor, targets, generator=g)
-    else:
-        torch.manual_seed(cfg.seed)
-        names = attach_lora(model, a.name, a.rank, a.alpha, a.dropout, targets)
-    if not names:
-        raise LotaqafError(f"no quantized layer matches model.target_modules={targets}")
-    return names
-
-
-def make_optimizer(model, cfg):
-    o = cfg.optim
+def make_optimizer(model, optim: DictConfig):
     params = [p for m in adapter_layers(model).values() for p in m.parameters(recurse=False)]
-    if o.name == "tsignsgd":
-        return TSignSGD(params, total_steps=o.steps, schedule=o.schedule, tau=o.tau), None
-    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-    warmup = max(1, math.ceil(o.warmup_ratio * o.steps))
+    if optim.name == "tsignsgd":
+        return TSignSGD(params, total_steps=optim.steps, schedule=optim.schedule, tau=optim.tau), None
+    opt = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    warmup = max(1, math.ceil(optim.warmup_ratio * optim.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     return opt, sched
 
-
-def training_examples(ctx: Context) -> list[dict]:
-    """Tokenized, prompt-masked examples; self-distilled data is generated once and cached."""
-    d = ctx.cfg.data
-    src = load_source(ctx)
-    tok = src.tokenizer
-    if d.source == "self_distill":
-        key = cache_key(DATA_VERSION, src.source_hash, d.n_samples, d.target_len, d.seed)
-        path = ctx.run.cache_path("sft", key, ".json")
-        if path.is_file():
-            records = json.loads(path.read_text())
-            ui.say(f"training data: reusing {len(records)} self-distilled examples ({path})")
-        else:
-            with ui.progress_bar("self-distilling training answers from the 16-bit model", d.n_samples) as adv:
-                records = sft.self_distill_records(src.model, tok, d.n_samples, d.target_len, d.seed, progress=adv)
-            write_json_atomic(path, records)
-            ui.say(f"training data: {len(records)} self-distilled examples cached at {path}")
-    else:
-        records = sft.load_records(d.source, d.path, d.n_samples, d.seed)
-    examples = []
-    for r in records:
-        if "prompt_ids" in r:
-            examples.append(sft.tokenize_ids(r["prompt_ids"], r["answer_ids"], d.source_len, d.target_len))
-        else:
-            examples.append(sft.tokenize_example(tok, sft.to_messages(r), d.source_len, d.target_len))
-    return examples
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints
-# ---------------------------------------------------------------------------------------------
 
 def _rng_state() -> dict:
     st = {"torch": torch.get_rng_state()}
@@ -129,86 +53,54 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save_checkpoint(run_path: Path, step: int, model, opt, sched, batches) -> None:
-    final = run_path / "checkpoints" / f"step_{step:06d}"
-    with atomic_dir(final) as tmp:
-        torch.save({"step": step, "adapter": adapter_state(model), "optimizer": opt.state_dict(),
-                    "scheduler": None if sched is None else sched.state_dict(),
-                    "data": batches.state_dict(), "rng": _rng_state()}, tmp / "state.pt")
-    for old in sorted((run_path / "checkpoints").glob("step_*"))[:-2]:  # keep the newest two
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def newest_checkpoint(run_path: Path) -> Path | None:
-    done = sorted(p for p in (run_path / "checkpoints").glob("step_*") if (p / "state.pt").is_file())
-    return done[-1] if done else None
-
-
-# ---------------------------------------------------------------------------------------------
-# the stage
-# ---------------------------------------------------------------------------------------------
-
-def run(ctx: Context) -> None:
-    cfg, o = ctx.cfg, ctx.cfg.optim
-    check_adapter_config(cfg)
-    if ctx.quantized is None:
-        from . import quantize
-
-        quantize.run(ctx)
-    examples = training_examples(ctx)
-    tok = ctx.source.tokenizer if ctx.source else None
-    pad_id = sft.pad_token_id(tok) if tok is not None else 0
-    batches = sft.SFTBatches(examples, o.batch_size, seed=cfg.data.seed, pad_id=pad_id)
-
-    model = copy.deepcopy(ctx.quantized)
+def train(base: torch.nn.Module, examples: list[dict], spec: dict, optim: DictConfig, seed: int, store, *,
+          data_seed: int, resume: bool = False, pad_id: int = 0, tensorboard_dir=None):
+    """Train the adapters ``spec`` describes on a copy of ``base``. Returns (adapted model in eval mode,
+    summary dict: examples, train seconds, and for LoTA-QAF the code-change table)."""
+    batches = SFTBatches(examples, optim.batch_size, seed=data_seed, pad_id=pad_id)
+    model = copy.deepcopy(base)
     model.requires_grad_(False)
-    names = attach(model, cfg)
+    names = attach_adapter(model, spec, seed)
     model.train()
     device = next(model.parameters()).device
-    if o.gradient_checkpointing:
+    if optim.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
         model.enable_input_require_grads()  # frozen embeddings: let gradients reach the adapters
-    opt, sched = make_optimizer(model, cfg)
+    opt, sched = make_optimizer(model, optim)
 
-    run_path = ctx.run.ensure()
     start = 0
-    if cfg.resume:
-        ck = newest_checkpoint(run_path)
-        if ck is not None:
-            state = torch.load(ck / "state.pt", weights_only=False)
-            load_adapter_state(model, state["adapter"])
-            opt.load_state_dict(state["optimizer"])
-            if sched is not None and state["scheduler"] is not None:
-                sched.load_state_dict(state["scheduler"])
-            batches.load_state_dict(state["data"])
-            _set_rng_state(state["rng"])
-            start = state["step"]
-            ui.say(f"resuming from {ck} (step {start} of {o.steps})")
-    metrics_path = run_path / "metrics.jsonl"
-    if metrics_path.exists():  # drop rows of steps that the checkpoint does not hold (they are redone)
-        rows = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
-        write_text_atomic(metrics_path, "".join(r + "\n" for r in rows))
+    found = store.newest_checkpoint() if resume else None
+    if found is not None:
+        where, state = found
+        load_adapter_state(model, state["adapter"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None and state["scheduler"] is not None:
+            sched.load_state_dict(state["scheduler"])
+        batches.load_state_dict(state["data"])
+        _set_rng_state(state["rng"])
+        start = state["step"]
+        ui.say(f"resuming from {where} (step {start} of {optim.steps})")
 
-    ui.say(f"training {cfg.adapter.name} on {len(names)} layers, {o.steps} steps x batch {o.batch_size}"
-           f" x accum {o.grad_accum}, {len(examples)} examples")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
-    tb = tensorboard_writer(run_path / "tensorboard")
+    ui.say(f"training {spec['kind']} on {len(names)} layers, {optim.steps} steps x batch {optim.batch_size}"
+           f" x accum {optim.grad_accum}, {len(examples)} examples")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    tb = tensorboard_writer(tensorboard_dir)
     t_start = time.time()
-    with ui.progress_bar(f"train ({cfg.adapter.name})", o.steps) as adv, open(metrics_path, "a") as mf:
+    with ui.progress_bar(f"train ({spec['kind']})", optim.steps) as adv, store.open_metrics(start) as mf:
         adv(start)
-        for step in range(start, o.steps):
+        for step in range(start, optim.steps):
             t0 = time.time()
             loss_sum, n_tok = 0.0, 0
-            for _ in range(o.grad_accum):
+            for _ in range(optim.grad_accum):
                 b = {k: v.to(device) for k, v in next(batches).items()}
                 with autocast:
                     loss = model(**b).loss
-                (loss / o.grad_accum).backward()
-                loss_sum += loss.item() / o.grad_accum
+                (loss / optim.grad_accum).backward()
+                loss_sum += loss.item() / optim.grad_accum
                 n_tok += int(b["attention_mask"].sum())
-            if o.name == "adamw" and o.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], o.max_grad_norm)
+            if optim.name == "adamw" and optim.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], optim.max_grad_norm)
             opt.step()
             if sched is not None:
                 sched.step()
@@ -222,43 +114,30 @@ def run(ctx: Context) -> None:
                     if isinstance(v, (int, float)) and k != "step" and v is not None:
                         tb.add_scalar(f"train/{k}", v, row["step"])
             adv(1)
-            if (step + 1) % o.save_every == 0 or step + 1 == o.steps:
-                save_checkpoint(run_path, step + 1, model, opt, sched, batches)
-    ctx.timings["train_s"] = round(time.time() - t_start, 1)
+            if (step + 1) % optim.save_every == 0 or step + 1 == optim.steps:
+                store.save_checkpoint(step + 1, {
+                    "step": step + 1, "adapter": adapter_state(model), "optimizer": opt.state_dict(),
+                    "scheduler": None if sched is None else sched.state_dict(), "data": batches.state_dict(),
+                    "rng": _rng_state()})
     if tb is not None:
         tb.close()
-
     model.eval()
-    header = {"kind": cfg.adapter.name, "rank": cfg.adapter.rank, "base_hash": ctx.quantized_hash,
-              "target_modules": list(cfg.model.target_modules), "steps": o.steps, "seed": cfg.seed}
-    if cfg.adapter.name == "lota":
-        header.update(omega=cfg.adapter.omega, offset_factor=cfg.adapter.offset_factor)
-    else:
-        header.update(alpha=cfg.adapter.alpha)
-    save_adapter(model, run_path / "adapter.safetensors", header)
-    summary = {"adapter": header, "timings": dict(ctx.timings), "examples": len(examples)}
-    if cfg.adapter.name == "lota":
+    summary = {"examples": len(examples), "train_s": round(time.time() - t_start, 1)}
+    if spec["kind"] == "lota":
         summary["codes_changed"] = code_change_table(model)
-    ctx.run.write_json("train.json", summary)
-    ctx.adapted = model
-    ui.say(f"adapter written to {run_path / 'adapter.safetensors'} ({ctx.timings['train_s']} s of training)")
+    return model, summary
 
 
-def tensorboard_writer(path: Path):
-    """A TensorBoard SummaryWriter when tensorboard is installed, else None (metrics.jsonl has it all)."""
+def tensorboard_writer(path):
+    """A TensorBoard SummaryWriter when tensorboard is installed (and a path is given), else None
+    (metrics.jsonl has it all)."""
+    if path is None:
+        return None
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
     return SummaryWriter(str(path))
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def adapter_metrics(model, opt) -> dict:
@@ -287,20 +166,18 @@ def adapter_metrics(model, opt) -> dict:
 def code_change_table(model) -> dict:
     """Codes moved up / down / unchanged / blocked by the markers, and the values of the TA
     parameters (+1 / -1 / 0: what the paper's Table 2 counts)."""
+    ternary = [m for m in adapter_layers(model).values() if isinstance(m, TernaryLinear)]
     agg = {"plus": 0, "minus": 0, "zero": 0, "blocked": 0, "total": 0}
-    for m in adapter_layers(model).values():
-        if isinstance(m, TernaryLinear):
-            s = m.marker_stats()
-            for k in agg:
-                agg[k] += s[k]
+    ta = {"plus": 0, "minus": 0, "zero": 0}
+    for m in ternary:
+        s = m.marker_stats()
+        for k in agg:
+            agg[k] += s[k]
+        for p in (m.A_T, m.B_T):
+            ta["plus"] += int((p > 0).sum())
+            ta["minus"] += int((p < 0).sum())
+            ta["zero"] += int((p == 0).sum())
     t = max(agg["total"], 1)
-    ta = {"plus": 0, "minus": 0, "zero": 0}  # the TA parameters themselves (the paper's Table 2)
-    for m in adapter_layers(model).values():
-        if isinstance(m, TernaryLinear):
-            for p in (m.A_T, m.B_T):
-                ta["plus"] += int((p > 0).sum())
-                ta["minus"] += int((p < 0).sum())
-                ta["zero"] += int((p == 0).sum())
     n_ta = max(sum(ta.values()), 1)
     return {"codes": {**agg, "up_frac": agg["plus"] / t, "down_frac": agg["minus"] / t,
                       "unchanged_frac": agg["zero"] / t},

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ..errors import LotaqafError
-from .mmlu_eval import _offline_env, _quiet_libraries, lm_eval_version
+from .harness import lm_eval_version, offline_env, quiet_libraries
 
 HUB_TASK = "gsm8k"
 LOCAL_TASK = "lotaqaf_gsm8k_local"
@@ -70,7 +70,7 @@ def evaluate_gsm8k(model, tokenizer, limit: int | None = None, batch_size: int =
     if tokenizer is None:
         raise LotaqafError("GSM8K needs a tokenizer; this model has none")
     if limit is not None and limit <= 0:
-        raise LotaqafError(f"limit must be a positive number of questions, got {limit}")
+        raise LotaqafError(f"eval.limit must be a positive number of questions, got {limit}")
     if chat_template is None:
         chat_template = bool(getattr(tokenizer, "chat_template", None))
     local = data_file is not None
@@ -81,7 +81,7 @@ def evaluate_gsm8k(model, tokenizer, limit: int | None = None, batch_size: int =
             tm, task = TaskManager(include_path=local_task(data_file, tasks_dir, max_gen_toks),
                                    include_defaults=False), LOCAL_TASK
         else:
-            from ..io.models import hub_reachable
+            from ..io.hub import hub_reachable
 
             if not hub_reachable():
                 raise LotaqafError(HUB_UNREACHABLE)
@@ -89,8 +89,8 @@ def evaluate_gsm8k(model, tokenizer, limit: int | None = None, batch_size: int =
         gen_kwargs = None if local or max_gen_toks is None else f"max_gen_toks={int(max_gen_toks)}"
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         t0 = time.time()
-        stack.enter_context(_offline_env(local))
-        stack.enter_context(_quiet_libraries())
+        stack.enter_context(offline_env(local))
+        stack.enter_context(quiet_libraries())
         try:
             out = simple_evaluate(model=lm, tasks=[task], num_fewshot=0, limit=limit, task_manager=tm,
                                   log_samples=True, bootstrap_iters=0, apply_chat_template=chat_template,

@@ -4,7 +4,7 @@ Two engines on the same questions and prompts:
 
 - ``lm-eval`` (default): the model and tokenizer are wrapped in lm-eval's ``HFLM`` and
   ``simple_evaluate`` runs in this process (one task per subject).
-- ``fast``: :func:`lotaqaf_cli.core.mcq.score_subject`, which caches the few-shot prefix of each
+- ``fast``: :func:`lotaqaf_cli.eval.mcq.score_subject`, which caches the few-shot prefix of each
   subject once and gives the same predictions as lm-eval (see that module).
 
 Two sources:
@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.metadata
 import json
-import logging
 import os
 import time
 from pathlib import Path
@@ -36,6 +34,7 @@ from rich.table import Table
 from .. import ui
 from ..data import mmlu
 from ..errors import LotaqafError
+from .harness import lm_eval_version, offline_env, quiet_libraries
 
 SOURCES = ("offline", "hub", "auto")
 ENGINES = ("lm-eval", "fast")
@@ -45,13 +44,6 @@ HUB_TASK_PREFIX = "mmlu_"
 # --------------------------------------------------------------------------- helpers
 
 
-def lm_eval_version() -> str:
-    try:
-        return importlib.metadata.version("lm_eval")
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def default_tasks_dir(digest: str) -> Path:
     """Where the offline task files go by default: a per-user cache keyed by the data and format."""
     base = Path(os.environ.get("LOTAQAF_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lotaqaf")
@@ -59,7 +51,7 @@ def default_tasks_dir(digest: str) -> Path:
 
 
 def _hub_reachable() -> bool:
-    from ..io.models import hub_reachable
+    from ..io.hub import hub_reachable
 
     return hub_reachable()
 
@@ -80,53 +72,11 @@ def task_config_hash(source: str, num_fewshot: int, subjects: list[str], data_di
     if source == "offline":
         spec.update(data_sha256=data_digest or mmlu.file_digest(), fewshot_rows=mmlu.FEWSHOT_ROWS,
                     format_version=mmlu.TASKS_FORMAT_VERSION,
-                    doc_to_text=mmlu._task_config("x", Path("t"), Path("d"))["doc_to_text"])
+                    doc_to_text=mmlu.task_config("x", Path("t"), Path("d"))["doc_to_text"])
     else:
         spec["lm_eval_task_files"] = _lm_eval_mmlu_yaml_texts()
     blob = json.dumps(spec, sort_keys=True, ensure_ascii=False).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def _offline_env(offline: bool):
-    """HF_DATASETS_OFFLINE / HF_HUB_OFFLINE for the offline source (restored afterwards)."""
-    if not offline:
-        yield
-        return
-    keys = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: "1" for k in keys})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@contextlib.contextmanager
-def _quiet_libraries():
-    """lm-eval and datasets log a lot at INFO/WARNING; keep the terminal to our own lines."""
-    loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval", "datasets", "evaluate")]
-    old = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        import datasets
-
-        bars = datasets.utils.logging.is_progress_bar_enabled()
-        datasets.utils.logging.disable_progress_bar()
-    except (ImportError, AttributeError):
-        bars = None
-    try:
-        yield
-    finally:
-        for lg, lvl in zip(loggers, old, strict=True):
-            lg.setLevel(lvl)
-        if bars:
-            datasets.utils.logging.enable_progress_bar()
 
 
 def _resolve_source(source: str) -> tuple[str, list[str]]:
@@ -147,6 +97,19 @@ def _resolve_source(source: str) -> tuple[str, list[str]]:
 # --------------------------------------------------------------------------- evaluation
 
 
+def check_mmlu_args(engine: str, limit: int | None, num_fewshot: int, batch_size: int) -> None:
+    """The one check of the MMLU settings (``eval.engine``, ``eval.limit``, ``eval.num_fewshot``,
+    ``eval.batch_size``): raises :class:`LotaqafError` naming the first bad one."""
+    if engine not in ENGINES:
+        raise LotaqafError(f"eval.engine: unknown MMLU engine '{engine}' (valid: {', '.join(ENGINES)})")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise LotaqafError(f"eval.limit must be a positive number of questions per subject, got {limit}")
+    if not isinstance(num_fewshot, int) or not 0 <= num_fewshot <= mmlu.FEWSHOT_ROWS:
+        raise LotaqafError(f"eval.num_fewshot must be between 0 and {mmlu.FEWSHOT_ROWS}, got {num_fewshot}")
+    if batch_size < 1:
+        raise LotaqafError(f"eval.batch_size must be >= 1, got {batch_size}")
+
+
 def evaluate_mmlu(model, tokenizer, source: str = "offline", num_fewshot: int = 5, limit: int | None = None,
                   engine: str = "lm-eval", batch_size: int = 4, subjects: list[str] | None = None,
                   tasks_dir: str | Path | None = None, return_predictions: bool = False,
@@ -160,14 +123,7 @@ def evaluate_mmlu(model, tokenizer, source: str = "offline", num_fewshot: int = 
     ``num_fewshot``, ``limit``, ``batch_size``, ``seconds``, ``questions_per_s``, ``notes``.
     ``return_predictions`` adds ``predictions`` {subject: [choice index per scored question]}.
     """
-    if engine not in ENGINES:
-        raise LotaqafError(f"unknown MMLU engine '{engine}' (valid: {', '.join(ENGINES)})")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
-        raise LotaqafError(f"limit must be a positive number of questions per subject, got {limit}")
-    if not isinstance(num_fewshot, int) or not 0 <= num_fewshot <= mmlu.FEWSHOT_ROWS:
-        raise LotaqafError(f"num_fewshot must be between 0 and {mmlu.FEWSHOT_ROWS}, got {num_fewshot}")
-    if batch_size < 1:
-        raise LotaqafError(f"batch_size must be >= 1, got {batch_size}")
+    check_mmlu_args(engine, limit, num_fewshot, batch_size)
     if tokenizer is None:
         raise LotaqafError("MMLU needs a tokenizer; this model has none (the smoke model cannot be evaluated)")
     if subjects is not None:
@@ -181,7 +137,7 @@ def evaluate_mmlu(model, tokenizer, source: str = "offline", num_fewshot: int = 
 
     t0 = time.time()
     digest = mmlu.file_digest() if source == "offline" else None
-    with _offline_env(source == "offline"), _quiet_libraries():
+    with offline_env(source == "offline"), quiet_libraries():
         if engine == "lm-eval":
             preds, correct = _run_lm_eval(model, tokenizer, source, subjects, num_fewshot, limit, batch_size,
                                           tasks_dir, digest)
@@ -276,7 +232,7 @@ def _hub_splits(subjects: list[str]) -> dict[str, mmlu.SubjectSplit]:
 
 
 def _run_fast(model, tokenizer, source, subjects, num_fewshot, limit, batch_size, progress):
-    from ..core.mcq import score_subject
+    from .mcq import score_subject
 
     splits = mmlu.offline_splits() if source == "offline" else _hub_splits(subjects)
     work = {s: list(splits[s].test[:limit] if limit else splits[s].test) for s in subjects}

@@ -1,0 +1,427 @@
+"""The command layer's runner: disk <-> objects at the edges, stage functions in between.
+
+    lotaqaf train     quantize -> train -> ppl -> merge -> eval, as cfg.stages says, in one Session
+    lotaqaf quantize  the quantize step alone
+    lotaqaf merge     a run's adapter merged (or, merge.unmerge, its merged checkpoint unmerged)
+    lotaqaf eval      one model of a run (or a model path) on cfg.eval.tasks
+    lotaqaf export    a run's merged model in cfg.export.format
+
+A Session holds what one invocation has in memory (source model, quantized base, adapted and merged
+models, text windows), so a chained run loads its base at most once and hands objects from stage to
+stage. Run files are named only by io/rundir.py; stages get their own config section.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import __version__, ui
+from .data import selfgen, sft, textfile
+from .errors import LotaqafError
+from .io.adapter import adapter_spec, load_adapter, save_adapter
+from .io.checkpoint import is_checkpoint, load_quantized, quantized_tensor_hash, save_quantized
+from .io.files import atomic_dir, file_sha256
+from .io.models import LoadedModel, load_model
+from .io.rundir import NEEDS, Cache, RunDir, find_run, versions
+from .stages import evaluate, export, merge, quantize, train
+
+RUN_MODELS = ("16bit", "gptq", "adapter", "merged")
+
+
+def pick_device(cfg: DictConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise LotaqafError("device=cuda but no CUDA device is available (use device=cpu or device=auto)")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+@dataclass
+class Session:
+    """The objects one invocation holds, made once and handed from stage to stage."""
+
+    cfg: DictConfig
+    run: RunDir
+    source: LoadedModel | None = None
+    base: torch.nn.Module | None = None      # the quantized base
+    base_info: dict | None = None            # its settings, provenance and content hash
+    tokenizer: object | None = None
+    adapted: torch.nn.Module | None = None
+    adapter_header: dict | None = None
+    merged: torch.nn.Module | None = None
+    windows: dict = field(default_factory=dict)   # role -> (token windows, sha256)
+    timings: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.source is not None:
+            self.tokenizer = self.source.tokenizer
+
+    @property
+    def cache(self) -> Cache:
+        return Cache(self.cfg.run.root)
+
+    def load_source(self) -> LoadedModel:
+        if self.source is None:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF converter's own bars; we show a spinner
+            t0 = time.time()
+            with ui.status(f"loading {self.cfg.model.path} ..."):
+                self.source = load_model(self.cfg.model.path, self.cfg.model.dtype)
+            self.source.model.to(pick_device(self.cfg))
+            self.timings["load_s"] = round(time.time() - t0, 1)
+            self.tokenizer = self.source.tokenizer
+            ui.say(f"loaded {self.cfg.model.path} ({self.source.kind}) in {self.timings['load_s']} s")
+        return self.source
+
+    def heldout(self) -> torch.Tensor | None:
+        """The held-out windows this session made, else the run's cached ones (never generated here)."""
+        if "heldout" in self.windows:
+            return self.windows["heldout"][0]
+        return self.run.heldout_windows(self.base_info, self.tokenizer)
+
+    def text(self, role: str, section: DictConfig):
+        """(token windows [n, seq_len], sha256) for calibration ("calib") or held-out perplexity
+        ("heldout"); self-generated text is cached by content."""
+        import hashlib
+
+        if role in self.windows:
+            return self.windows[role]
+        if section.source == "self":
+            src = self.load_source()
+            key = Cache.text_key(src.source_hash, role, section)
+            windows = self.cache.load_text(key)
+            if windows is not None:
+                ui.say(f"{role} text: reusing {section.n_samples} x {section.seq_len} self-generated tokens")
+            else:
+                with ui.progress_bar(f"sampling {role} text from the 16-bit model", None) as advance:
+                    windows = selfgen.self_text_windows(src.model, src.tokenizer, role, section.n_samples,
+                                                        section.seq_len, section.seed, progress=advance)
+                path = self.cache.save_text(key, windows)
+                ui.say(f"{role} text: sampled {section.n_samples * section.seq_len} tokens, cached at {path}")
+        else:
+            tok = self.load_source().tokenizer
+            if tok is None:
+                raise LotaqafError(f"{role} text from {section.source} needs a model with a tokenizer")
+            if section.source == "file":
+                windows = textfile.file_windows(section.path, tok, section.n_samples, section.seq_len, section.seed)
+            else:
+                windows = textfile.c4_windows(tok, section.n_samples, section.seq_len, section.seed)
+        self.windows[role] = (windows, "sha256:" + hashlib.sha256(windows.numpy().tobytes()).hexdigest())
+        return self.windows[role]
+
+    def examples(self) -> list[dict]:
+        """Tokenized, prompt-masked training examples; self-distilled data is generated once and cached."""
+        d = self.cfg.data
+        src = self.load_source()
+        if d.source == "self_distill":
+            key = Cache.sft_key(src.source_hash, d)
+            records = self.cache.load_sft(key)
+            if records is not None:
+                ui.say(f"training data: reusing {len(records)} self-distilled examples")
+            else:
+                with ui.progress_bar("self-distilling training answers from the 16-bit model", d.n_samples) as adv:
+                    records = sft.self_distill_records(src.model, src.tokenizer, d.n_samples, d.target_len, d.seed,
+                                                       progress=adv)
+                path = self.cache.save_sft(key, records)
+                ui.say(f"training data: {len(records)} self-distilled examples cached at {path}")
+        else:
+            records = sft.load_records(d.source, d.path, d.n_samples, d.seed)
+        return sft.tokenize_records(src.tokenizer, records, d.source_len, d.target_len)
+
+
+# ---------------------------------------------------------------------------------------------
+# the chain's steps
+# ---------------------------------------------------------------------------------------------
+
+def step_quantize(s: Session) -> None:
+    """The quantized base: the source itself when it is a GPTQ checkpoint, else from the cache, else
+    quantized now (and cached)."""
+    if s.base is not None:
+        return
+    cfg, q = s.cfg, s.cfg.quant
+    src = s.load_source()
+    if src.quantized:
+        ui.say(f"{cfg.model.path} is already a GPTQ checkpoint: skipping quantization")
+        s.base, s.base_info = src.model, src.info
+        s.run.write_record("quantize", {"skipped": True, "checkpoint": cfg.model.path,
+                                        "content_hash": src.source_hash, "source_hash": src.source_hash})
+        return
+    quantize.check_model(src.model, q)
+    t0 = time.time()
+    calib, calib_hash = s.text("calib", cfg.calib)
+    s.timings["calib_s"] = round(time.time() - t0, 1)
+    settings = quantize.settings(q)
+    key = Cache.quantized_key(src.source_hash, calib_hash, settings)
+    out_dir = s.cache.quantized_dir(key)
+    try:
+        with ui.status("loading the cached quantized base ..."):
+            cached = s.cache.load_quantized(key)
+    except LotaqafError as e:
+        ui.say(f"[yellow]cached quantized base is unusable ({e}); quantizing again[/yellow]")
+        cached = None
+    if cached is not None:
+        s.base, _tok, s.base_info = cached
+        s.base.to(pick_device(cfg))
+        ui.say(f"reusing the cached quantized base {out_dir} (same source, settings and calibration)")
+        s.run.write_record("quantize", {"cached": True, "checkpoint": str(out_dir), "source_hash": src.source_hash,
+                                        "content_hash": s.base_info["content_hash"], "settings": settings})
+        return
+
+    t0 = time.time()
+    s.base, stats = quantize.quantize(src.model, calib, q, pick_device(cfg))
+    s.timings["quantize_s"] = round(time.time() - t0, 1)
+    provenance = {"source": cfg.model.path, "source_hash": src.source_hash,
+                  "calibration": OmegaConf.to_container(cfg.calib), "calibration_hash": calib_hash,
+                  "settings": settings, "lotaqaf_version": __version__, "versions": versions()}
+    with ui.status("writing the quantized checkpoint ..."):
+        chash = save_quantized(s.base, src.tokenizer, out_dir, settings, provenance)
+    s.base_info = {"settings": settings, "provenance": provenance, "content_hash": chash}
+    per_kind = quantize.summarize(stats)
+    quantize.show_table(per_kind)
+    s.run.write_record("quantize", {
+        "cached": False, "checkpoint": str(out_dir), "content_hash": chash, "source_hash": src.source_hash,
+        "settings": settings, "calibration_hash": calib_hash, "timings": dict(s.timings),
+        "error_by_kind": per_kind, "layers": [st.__dict__ for st in stats]})
+    ui.say(f"quantized base written to {out_dir} in {s.timings['quantize_s']} s")
+
+
+def step_train(s: Session) -> None:
+    cfg, a = s.cfg, s.cfg.adapter
+    step_quantize(s)
+    examples = s.examples()
+    tok = s.tokenizer
+    extra = {"omega": a.omega, "offset_granularity": a.offset_granularity} if a.kind == "lota" else \
+        {"alpha": a.alpha, "dropout": a.dropout}
+    spec = adapter_spec(a.kind, cfg.model.target_modules, rank=a.rank, **extra)
+    s.run.ensure()
+    s.adapted, summary = train.train(s.base, examples, spec, cfg.optim, cfg.seed, s.run, data_seed=cfg.data.seed,
+                                     resume=cfg.resume, pad_id=sft.pad_token_id(tok) if tok is not None else 0,
+                                     tensorboard_dir=s.run.tensorboard_dir)
+    s.timings["train_s"] = summary.pop("train_s")
+    s.adapter_header = {**spec, "base_hash": s.base_info["content_hash"], "steps": cfg.optim.steps, "seed": cfg.seed}
+    save_adapter(s.adapted, s.run.adapter_file, s.adapter_header)
+    s.run.write_record("train", {"adapter": s.adapter_header, "timings": dict(s.timings), **summary})
+    ui.say(f"adapter written to {s.run.adapter_file} ({s.timings['train_s']} s of training)")
+
+
+def step_ppl(s: Session) -> None:
+    cfg = s.cfg
+    src = s.load_source()
+    windows, digest = s.text("heldout", cfg.ppl)
+    models = {} if src.quantized else {"16-bit": src.model}
+    if s.base is not None:
+        models[f"GPTQ INT{cfg.quant.bits} g{cfg.quant.group_size}"] = s.base
+    if s.adapted is not None:
+        models[f"GPTQ + {cfg.adapter.kind} (adapter)"] = s.adapted
+    results = evaluate.perplexities(models, windows, cfg.ppl.batch_size)
+    s.run.write_record("ppl", {"heldout_hash": digest, "n_samples": windows.shape[0], "seq_len": windows.shape[1],
+                               "source": cfg.ppl.source, "results": results})
+    evaluate.show_perplexities(results, windows, cfg.ppl.source)
+
+
+def step_merge(s: Session) -> None:
+    """Merge the adapter (in memory when this session trained it), write merged/ and the certificate."""
+    run = s.run
+    if run.has_merged():
+        ui.say("merged model already present: skipped")
+        return
+    if is_checkpoint(run.merged_dir):
+        raise LotaqafError(f"{run.merged_dir} already exists: remove it to merge again")
+    if s.adapted is None:
+        if s.base is not None:  # the chain without a train stage: the adapter file onto the base in memory
+            s.adapted = copy.deepcopy(s.base)
+            s.adapter_header = load_adapter(s.adapted, run.adapter_file, s.base_info["content_hash"])
+            s.adapted.eval()
+        else:
+            with ui.status(f"loading {run.path} ..."):
+                s.adapted, s.tokenizer, s.adapter_header, s.base_info = run.load_adapted()
+    kind = s.adapter_header["kind"]
+    t0 = time.time()
+    s.merged, layers, cert = merge.merge(s.adapted, kind, s.heldout())
+    cert.update(base_hash=s.base_info["content_hash"], adapter_sha256="sha256:" + file_sha256(run.adapter_file))
+    prov = {**s.base_info.get("provenance", {}), "merged_from": {"base": s.base_info["content_hash"],
+                                                                "adapter": cert["adapter_sha256"], "kind": kind}}
+    with atomic_dir(run.merged_dir) as tmp:
+        with ui.status("writing the merged checkpoint ..."):
+            save_quantized(s.merged, s.tokenizer, tmp, s.base_info["settings"], prov, merged=layers or None)
+        if s.cfg.merge.verify:
+            reloaded, _, rinfo = load_quantized(tmp)
+            merge.check_reloaded(reloaded, s.adapted, kind, cert)
+            cert["merged_hash"] = rinfo["content_hash"]
+    cert["seconds"] = round(time.time() - t0, 1)
+    path = run.write_record("merge_certificate", cert)
+    ui.say(f"merged {kind} adapter into {run.merged_dir}: max |logit diff| = {cert['max_abs_logit_diff']:g}"
+           + (f" (from disk: {cert['max_abs_logit_diff_from_disk']:g})" if s.cfg.merge.verify else "")
+           + (f", {cert['codes']['changed_frac']:.3g} of codes changed" if layers else ""))
+    if "perplexity" in cert:
+        p = cert["perplexity"]
+        ui.say(f"held-out perplexity: adapter {p['adapter']:.4f}, merged {p['merged']:.4f}")
+    ui.say(f"certificate: {path}")
+
+
+def step_eval(s: Session) -> None:
+    """The recipe's eval tasks on the merged LoTA model (or, for the LoRA baselines, whose merge is
+    lossy, the adapter model)."""
+    cfg = s.cfg
+    tasks = [t for t in cfg.eval.tasks if t != "mmlu" or s.tokenizer is not None]
+    if not tasks:
+        ui.say("eval: this model has no tokenizer: MMLU skipped")
+        return
+    lota = cfg.adapter.kind == "lota" and s.merged is not None
+    model, label = (s.merged, "merged") if lota else (s.adapted, "adapter")
+    write_eval(s.run, evaluate.evaluate(model, s.tokenizer, cfg.eval, label, s.heldout() if "ppl" in tasks else None,
+                                        tasks=tasks))
+
+
+def write_eval(run: RunDir, out: dict) -> None:
+    label = out["model"]
+    md = out.pop("mmlu_markdown", None)
+    path = run.write_record(f"eval-{label}", {"run": str(run.path), **out})
+    if md is not None:
+        run.write_text(f"eval-{label}.md", md)
+    ui.say(f"results: {path}")
+
+
+STEPS = {"quantize": step_quantize, "train": step_train, "ppl": step_ppl, "merge": step_merge, "eval": step_eval}
+
+
+# ---------------------------------------------------------------------------------------------
+# the commands
+# ---------------------------------------------------------------------------------------------
+
+def run_command(command: str, cfg: DictConfig) -> None:
+    if torch.get_num_threads() > (os.cpu_count() or 1):
+        torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(cfg.seed)
+    {"train": cmd_chain, "quantize": cmd_chain, "merge": cmd_merge, "eval": cmd_eval,
+     "export": cmd_export}[command](cfg, command)
+
+
+def cmd_chain(cfg: DictConfig, command: str) -> None:
+    s = Session(cfg, RunDir.for_config(cfg))
+    for name in ["quantize"] if command == "quantize" else list(cfg.stages):
+        ui.say(f"[bold]== {name} ==[/bold]")
+        STEPS[name](s)
+        s.run.log(f"stage {name} done")
+    ui.say(f"run directory: {s.run.path}")
+
+
+def cmd_merge(cfg: DictConfig, _command: str) -> None:
+    run = find_run(cfg.run.dir, cfg.run.root, NEEDS["merge"])
+    if cfg.merge.unmerge:
+        return cmd_unmerge(run)
+    if is_checkpoint(run.merged_dir):
+        raise LotaqafError(f"{run.merged_dir} already exists: remove it to merge again")
+    step_merge(Session(cfg, run))
+
+
+def cmd_unmerge(run: RunDir) -> None:
+    if not is_checkpoint(run.merged_dir):
+        raise LotaqafError(f"{run.path} has no merged checkpoint to unmerge (run `lotaqaf merge` first)")
+    if run.unmerged_dir.exists():
+        raise LotaqafError(f"{run.unmerged_dir} already exists: remove it to unmerge again")
+    model, tok, info = run.load_merged()  # also verifies the merged checkpoint's hashes
+    base = merge.unmerge(model, info["merged"])
+    prov = {k: v for k, v in info["provenance"].items() if k != "merged_from"}
+    save_quantized(base, tok, run.unmerged_dir, info["settings"], {**prov, "unmerged_from": info["content_hash"]})
+    restored, original = quantized_tensor_hash(run.unmerged_dir), quantized_tensor_hash(run.base_dir())
+    result = {"unmerged": str(run.unmerged_dir), "tensor_hash": restored, "base_tensor_hash": original,
+              "identical": restored == original}
+    run.write_record("unmerge", result)
+    ui.say(f"unmerged into {run.unmerged_dir}: quantized tensors "
+           f"{'identical to' if result['identical'] else 'DIFFER from'} the base ({restored[:23]}...)")
+    if not result["identical"]:
+        raise LotaqafError("unmerge did not restore the base exactly")
+
+
+def cmd_eval(cfg: DictConfig, _command: str) -> None:
+    from .eval.gsm8k import HUB_UNREACHABLE
+    from .io.hub import hub_reachable
+
+    ev = cfg.eval
+    sel = ev.model or "merged"
+    if "gsm8k" in ev.tasks and ev.gsm8k_file is None and not hub_reachable():
+        raise LotaqafError(HUB_UNREACHABLE)
+    run = None
+    if sel in RUN_MODELS:
+        run = find_run(cfg.run.dir, cfg.run.root, NEEDS["eval"])
+    elif cfg.run.dir:
+        run = find_run(cfg.run.dir)
+    info = None
+    if sel not in RUN_MODELS:
+        model, tok, label = _model_at_path(sel)
+    elif sel == "16bit":
+        rc = run.config()
+        lm = load_model(rc.model.path, rc.model.dtype)
+        model, tok, label = lm.model, lm.tokenizer, "16bit"
+    elif sel == "gptq":
+        model, tok, info = run.load_base()
+        label = "gptq"
+    elif sel == "adapter":
+        model, tok, _meta, info = run.load_adapted()
+        label = "adapter"
+    else:
+        model, tok, info = run.load_merged()
+        label = "merged"
+    windows = run.heldout_windows(info, tok) if run is not None and "ppl" in ev.tasks else None
+    out = evaluate.evaluate(model, tok, ev, label, windows)
+    write_eval(run if run is not None else RunDir("evals"), out)
+
+
+def _model_at_path(sel: str):
+    from pathlib import Path
+
+    p = Path(sel)
+    if not p.exists():
+        raise LotaqafError(f"--model {sel}: no such path (or use one of {', '.join(RUN_MODELS)} with run=DIR)")
+    if p.is_dir() and not ((p / "quantize_config.json").is_file() or (p / "config.json").is_file()):
+        raise LotaqafError(f"--model {sel} is not a model directory (no config.json or quantize_config.json)")
+    lm = load_model(str(p))
+    return lm.model, lm.tokenizer, p.name
+
+
+@torch.no_grad()
+def cmd_export(cfg: DictConfig, _command: str) -> None:
+    fmt, allow_lossy = cfg.export.format, cfg.export.allow_lossy
+    run = find_run(cfg.run.dir, cfg.run.root, NEEDS["export"])
+    out_dir = run.export_dir(fmt)
+    model, tok, info = run.load_merged()
+    if out_dir.exists():
+        raise LotaqafError(f"{out_dir} already exists: remove it to export again")
+    windows = run.heldout_windows(info, tok)
+    report: dict = {"format": fmt, "source": str(run.merged_dir), "merged_hash": info["content_hash"]}
+    if fmt == "gguf":
+        from transformers import AutoModelForCausalLM
+
+        from .io.gguf_export import export_gguf
+
+        with atomic_dir(out_dir) as tmp:
+            report.update(export_gguf(model, run.config().model.path, tmp / "model.gguf", allow_lossy=allow_lossy))
+            with ui.status("reading the GGUF file back with transformers ..."):
+                back = AutoModelForCausalLM.from_pretrained(str(tmp), gguf_file="model.gguf", dtype=torch.float32)
+            report.update(export.compare(model, back.eval(), windows))  # what an engine reading the file computes
+    else:
+        exported, extra = export.convert(model, fmt, allow_lossy)
+        report.update(extra)
+        report.update(export.compare(model, exported, windows))
+        with atomic_dir(out_dir) as tmp:
+            if fmt == "gptq":
+                save_quantized(exported, tok, tmp, info["settings"],
+                               {**info["provenance"], "exported_from": info["content_hash"]})
+            else:  # hf16: a plain transformers checkpoint
+                if hasattr(exported.config, "quantization_config"):
+                    del exported.config.quantization_config
+                exported.save_pretrained(str(tmp), safe_serialization=True)
+                if tok is not None:
+                    tok.save_pretrained(str(tmp))
+    run.write_record(f"export-{fmt}", report)
+    shown = {k: v for k, v in report.items() if k in ("max_abs_logit_diff", "perplexity", "max_weight_error")}
+    ui.say(f"exported {fmt} to {out_dir}: {shown}")

@@ -1,0 +1,209 @@
+"""The shape the architecture promises, checked so that it stays true:
+
+- no module in stages/ imports another stage module; core/ imports nothing from io/, stages/, eval/
+  or transformers; the package has no import cycle (read from the source, every import counted);
+- a chained `lotaqaf train` loads the quantized base from disk at most once;
+- every key of every recipe is read by the code that runs it.
+"""
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from lotaqaf_cli.config import compose, group_options, validate
+
+PKG = Path(__file__).resolve().parents[1] / "lotaqaf_cli"
+
+
+# --------------------------------------------------------------------------- imports
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports() -> dict[str, set[str]]:
+    """module -> every module it imports (absolute names; third-party ones by their top-level name)."""
+    modules = {_module_name(p): p for p in PKG.rglob("*.py")}
+    out = {}
+    for mod, path in modules.items():
+        pkg = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps.update(a.name if a.name.startswith("lotaqaf_cli") else a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = pkg.rsplit(".", node.level - 1)[0] if node.level > 1 else pkg
+                    target = f"{base}.{node.module}" if node.module else base
+                else:
+                    target = node.module
+                if not target.startswith("lotaqaf_cli"):
+                    deps.add(target.split(".")[0])
+                    continue
+                for a in node.names:  # `from . import ui` imports the module lotaqaf_cli.ui
+                    deps.add(f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target)
+        out[mod] = deps - {mod}
+    return out
+
+
+def test_import_rules():
+    graph = _imports()
+    assert "lotaqaf_cli.stages.train" in graph and "lotaqaf_cli.core.ternary" in graph  # the reader works
+    bad = []
+    for mod, deps in graph.items():
+        if mod.startswith("lotaqaf_cli.stages."):
+            bad += [(mod, d) for d in deps if d.startswith("lotaqaf_cli.stages.")]
+        if mod.startswith("lotaqaf_cli.core"):
+            bad += [(mod, d) for d in deps if d == "transformers" or
+                    d.startswith(("lotaqaf_cli.io", "lotaqaf_cli.stages", "lotaqaf_cli.eval", "lotaqaf_cli.runner",
+                                  "lotaqaf_cli.cli", "lotaqaf_cli.config", "lotaqaf_cli.ui"))]
+    assert not bad, bad
+
+
+def test_no_import_cycle():
+    imports = _imports()
+    graph = {m: {d for d in deps if d in imports} for m, deps in imports.items()}
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for d in sorted(graph[m]):
+            if state.get(d) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(d):] + [d]))
+            if d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_the_rules_catch_a_violation(tmp_path, monkeypatch):
+    """The reader sees function-level and relative imports (so the rules above can fail)."""
+    fake = tmp_path / "lotaqaf_cli"
+    (fake / "stages").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "stages" / "__init__.py").write_text("")
+    (fake / "stages" / "a.py").write_text("def f():\n    from . import b\n")
+    (fake / "stages" / "b.py").write_text("from .a import f\n")
+    monkeypatch.setattr(__import__(__name__), "PKG", fake)
+    with pytest.raises(AssertionError, match="stages"):
+        test_import_rules()
+    with pytest.raises(AssertionError, match="import cycle"):
+        test_no_import_cycle()
+
+
+# --------------------------------------------------------------------------- the base is loaded once
+
+def test_chain_loads_the_base_at_most_once(tmp_path, monkeypatch):
+    import lotaqaf_cli.io.checkpoint as ckpt
+    from lotaqaf_cli.runner import run_command
+
+    monkeypatch.chdir(tmp_path)
+    reads = []
+    real = ckpt.read_safetensors
+    monkeypatch.setattr(ckpt, "read_safetensors", lambda p: (reads.append(Path(p).parent), real(p))[1])
+
+    def chain(run_dir):
+        cfg = compose(["recipe=smoke", f"run.dir={run_dir}", "optim.steps=2"])
+        validate(cfg)
+        reads.clear()
+        run_command("train", cfg)
+        return json.loads((tmp_path / run_dir / "quantize.json").read_text())["checkpoint"]
+
+    chain("runs/first")  # quantizes: the base never comes from disk, the merged checkpoint once (verify)
+    assert len(reads) == 1 and reads[0].name.startswith(".merged.tmp-"), reads
+    base = Path(chain("runs/second"))  # the cached base: read once, then handed from stage to stage
+    assert [r.resolve() for r in reads].count(base.resolve()) == 1, reads
+    assert len(reads) == 2 and reads[1].name.startswith(".merged.tmp-"), reads
+
+
+# --------------------------------------------------------------------------- every recipe key is read
+
+# Keys no run reads through the config object, with the reason.
+UNREAD_ALLOWED = {"description": "shown by `lotaqaf recipes`, which reads it from the recipe file"}
+
+
+def _leaf_keys(cfg: DictConfig, prefix="") -> set[str]:
+    out = set()
+    for k, v in cfg.items():
+        out |= _leaf_keys(v, f"{prefix}{k}.") if isinstance(v, DictConfig) else {f"{prefix}{k}"}
+    return out
+
+
+@pytest.fixture
+def key_reads(monkeypatch):
+    """Full keys that lotaqaf's own code reads from a config (not omegaconf's internal reads)."""
+    import sys
+
+    seen = set()
+    originals = {name: getattr(DictConfig, name) for name in ("__getattr__", "__getitem__", "get")}
+
+    def tracking(name):
+        def read(self, key, *args):
+            caller = sys._getframe(1).f_code.co_filename
+            if "lotaqaf_cli" in caller and isinstance(key, str) and not key.startswith("_"):
+                try:
+                    seen.add(self._get_full_key(key))
+                except Exception:
+                    pass
+            return originals[name](self, key, *args)
+        return read
+
+    for name in originals:
+        monkeypatch.setattr(DictConfig, name, tracking(name))
+    return seen
+
+
+@pytest.mark.slow
+def test_every_recipe_key_is_read(tmp_path, monkeypatch, key_reads):
+    from tiny_models import corpus, tiny_model_dir
+
+    from lotaqaf_cli.runner import run_command
+
+    monkeypatch.chdir(tmp_path)
+    tiny = tiny_model_dir(tmp_path / "tiny")
+    (tmp_path / "text.txt").write_text("\n".join(corpus()) + "\n")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"instruction": a, "output": b}) + "\n"
+                                                  for a, b in zip(corpus()[::2], corpus()[1::2], strict=True)))
+    (tmp_path / "gsm8k.jsonl").write_text(json.dumps({"question": "What is 1 + 2?", "answer": "1 + 2 = 3\n#### 3"})
+                                          + "\n")
+    small = ["quant.batch_size=4", "calib.n_samples=4", "calib.seq_len=32", "ppl.n_samples=2", "ppl.seq_len=32",
+             "optim.steps=2", "optim.batch_size=2", "data.n_samples=4", "data.source_len=32", "data.target_len=16"]
+    commands = [
+        ("train", ["recipe=smoke", "stages=[quantize,train,ppl,merge,eval]", "eval.tasks=[ppl]"]),
+        ("train", ["recipe=smoke", "adapter=lora", "stages=[quantize,train]", "run.dir=runs/lora"]),
+        ("train", ["recipe=smoke", f"model.path={tiny}", "calib=file", f"calib.path={tmp_path / 'text.txt'}",
+                   "ppl.source=file", f"ppl.path={tmp_path / 'text.txt'}", "data=jsonl",
+                   f"data.path={tmp_path / 'train.jsonl'}", "stages=[quantize,train,ppl]", "run.dir=runs/tiny",
+                   *small]),
+        ("merge", ["recipe=smoke", "run.dir=runs/tiny"]),
+        ("merge", ["recipe=smoke", "run.dir=runs/tiny", "merge.unmerge=true"]),
+        ("eval", ["recipe=smoke", "run.dir=runs/tiny", "eval.model=adapter", "eval.tasks=[ppl]"]),
+        ("eval", ["recipe=smoke", f"eval.model={tiny}", "eval.tasks=[mmlu,gsm8k]", "eval.limit=1",
+                  "eval.engine=fast", f"eval.gsm8k_file={tmp_path / 'gsm8k.jsonl'}"]),
+        ("export", ["recipe=smoke", "run.dir=runs/tiny", "export.format=hf16"]),
+    ]
+    for command, overrides in commands:
+        cfg = compose(overrides)
+        validate(cfg, command)
+        torch.manual_seed(0)
+        run_command(command, cfg)
+    assert (tmp_path / "evals" / "eval-tiny.json").is_file() and (tmp_path / "runs/tiny/export-hf16").is_dir()
+
+    unread = {}
+    for recipe in group_options("recipe"):
+        keys = _leaf_keys(compose([f"recipe={recipe}"])) | _leaf_keys(compose([f"recipe={recipe}", "adapter=lora"]))
+        missing = sorted(keys - key_reads - set(UNREAD_ALLOWED))
+        if missing:
+            unread[recipe] = missing
+    assert not unread, unread

@@ -82,7 +82,8 @@ def test_hub_id_offline(capsys, in_tmp, monkeypatch):
     assert_user_error(capsys, in_tmp, ["quantize", "recipe=llama3_mmlu"], "recipe=smollm2_mmlu")
 
 
-@pytest.mark.parametrize("argv", [["merge", "run=runs/x", "merge.verifyy=false"],
+@pytest.mark.parametrize("argv", [["quantize", "recipe=smoke", "quant.bitss=3"],
+                                  ["merge", "run=runs/x", "merge.verifyy=false"],
                                   ["eval", "run=runs/x", "eval.limt=2"],
                                   ["export", "run=runs/x", "export.formatt=gguf"]])
 def test_every_command_names_the_nearest_key(capsys, in_tmp, argv):

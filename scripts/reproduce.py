@@ -41,10 +41,10 @@ GROUP_SIZE = {4: 64, 3: 64, 2: 32}        # INT2 uses g32 (issue 3's setting); t
 METHODS = ("lora", "qalora", "lota")      # trained on the same base and data
 LABELS = {"base": "base", "gptq": "GPTQ", "lora": "GPTQ+LoRA", "qalora": "QA-LoRA", "lota": "LoTA-QAF"}
 BIT_LABELS = {"lora": "{b}+16"}
-# --quick: one subject per category, small data; sized to finish in a few minutes on 2 cores.
-QUICK_SUBJECTS = ("philosophy", "elementary_mathematics", "sociology", "nutrition")
-QUICK_OVERRIDES = ["calib.n_samples=8", "calib.seq_len=128", "ppl.n_samples=8", "ppl.seq_len=128",
-                   "data.n_samples=32", "data.target_len=64"]
+# --quick: two subjects (humanities, STEM), small data; sized to finish in a few minutes on 2 cores.
+QUICK_SUBJECTS = ("philosophy", "elementary_mathematics")
+QUICK_OVERRIDES = ["calib.n_samples=4", "calib.seq_len=128", "ppl.n_samples=4", "ppl.seq_len=128",
+                   "data.n_samples=16", "data.target_len=64"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bits", type=int, nargs="+", default=None, help="bit widths (default 3 2; --quick: 2)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default: the recipe's 40; --quick 6)")
     p.add_argument("--limit", type=int, default=None, help="MMLU questions per subject (default 5)")
-    p.add_argument("--subjects", nargs="+", default=None, help="MMLU subjects (default all 57; --quick 4)")
+    p.add_argument("--subjects", nargs="+", default=None, help="MMLU subjects (default all 57; --quick 2)")
     p.add_argument("--quick", action="store_true", help="INT2, small data and subset: a few minutes")
     p.add_argument("--root", default="runs", help="runs root (its _cache is shared with `lotaqaf train`)")
     p.add_argument("--out", default="docs/results/smollm2", help="output path without extension")

@@ -30,7 +30,7 @@ def test_reproduce_quick(tmp_path, smollm2_loaded):
     paths = rep.write_outputs(res, args.out)
 
     (check,) = res["merge_checks"]
-    assert check["questions"] == 4 * 5
+    assert check["questions"] == 2 * 5
     assert check["same_predictions"] == check["questions"]
     assert check["merged_ppl"] == check["adapter_ppl"]
     assert check["merged_avg"] == check["adapter_avg"]
@@ -41,7 +41,7 @@ def test_reproduce_quick(tmp_path, smollm2_loaded):
     assert by[("lota", 2)]["ppl"] < by[("gptq", 2)]["ppl"]
     assert by[("base", 16)]["ppl"] < by[("gptq", 2)]["ppl"]
     assert 0 < by[("lota", 2)]["codes_changed"] < 1
-    assert all(r["n_questions"] == 20 for r in res["rows"])
+    assert all(r["n_questions"] == 10 for r in res["rows"])
 
     md = Path(paths[".md"]).read_text()
     assert "| 2 | LoTA-QAF |" in md and "python scripts/reproduce.py --quick" in md

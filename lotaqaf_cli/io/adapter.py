@@ -37,16 +37,18 @@ def adapter_spec(kind: str, target_modules, **settings) -> dict:
     return {k: spec[k] for k in SPEC_KEYS[kind]}
 
 
-def attach_adapter(model: nn.Module, spec: dict, seed: int = 0) -> list[str]:
-    """Attach the adapter layers ``spec`` describes to every targeted quantized layer (fresh init,
-    seeded). Returns the adapted layer names."""
+def attach_adapter(model: nn.Module, spec: dict, seed: int | None = None) -> list[str]:
+    """Attach the adapter layers ``spec`` describes to every targeted quantized layer, freshly
+    initialised (from ``seed`` when given; loading passes none, as the tensors are overwritten).
+    Returns the adapted layer names."""
     targets = list(spec["target_modules"])
     if spec["kind"] == "lota":
-        g = torch.Generator().manual_seed(seed)
+        g = None if seed is None else torch.Generator().manual_seed(seed)
         names = attach_ternary_adapters(model, spec["rank"], spec["omega"], spec["offset_granularity"], targets,
                                         generator=g)
     else:
-        torch.manual_seed(seed)
+        if seed is not None:
+            torch.manual_seed(seed)
         names = attach_lora(model, spec["kind"], spec["rank"], spec["alpha"], spec.get("dropout", 0.0), targets)
     if not names:
         raise LotaqafError(f"no quantized layer matches model.target_modules={targets}")

@@ -14,9 +14,11 @@ stage. Run files are named only by io/rundir.py; stages get their own config sec
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -90,8 +92,6 @@ class Session:
     def text(self, role: str, section: DictConfig):
         """(token windows [n, seq_len], sha256) for calibration ("calib") or held-out perplexity
         ("heldout"); self-generated text is cached by content."""
-        import hashlib
-
         if role in self.windows:
             return self.windows[role]
         if section.source == "self":
@@ -377,8 +377,6 @@ def cmd_eval(cfg: DictConfig, _command: str) -> None:
 
 
 def _model_at_path(sel: str):
-    from pathlib import Path
-
     p = Path(sel)
     if not p.exists():
         raise LotaqafError(f"--model {sel}: no such path (or use one of {', '.join(RUN_MODELS)} with run=DIR)")

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from . import interrupts
 from .errors import LotaqafError
 
 COMMANDS = {
@@ -123,13 +124,24 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_intermixed_args(argv)
+    if not args.debug:
+        from .ui import silence_third_party_progress
+
+        silence_third_party_progress()
     try:
-        return _run(args)
-    except LotaqafError as e:
+        with interrupts.installed():
+            return _run(args)
+    except LotaqafError as e:  # interrupts.Interrupted too: exit 130 (SIGINT) or 143 (SIGTERM)
         if args.debug:
             raise
         print(f"lotaqaf: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except OSError as e:  # disk full, permission denied... while reading or writing a file
+        if args.debug or e.strerror is None:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"lotaqaf: error: {where}{e.strerror}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # a signal before the handlers were installed
         print("lotaqaf: interrupted", file=sys.stderr)
         return 130

@@ -1,14 +1,16 @@
 """Recipe composition (Hydra's compose API over recipes/) for every command, and the one
-validation of what users set."""
+validation of what users set: a schema of every key, the rules that join keys, the paths."""
 
 from __future__ import annotations
 
 import difflib
 import os
 import re
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .core.quant import SUPPORTED_BITS
 from .errors import LotaqafError
@@ -43,12 +45,11 @@ def list_recipes() -> list[tuple[str, str]]:
 
 
 def _flat_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Every leaf key (what a user sets), dotted."""
     keys = []
     for k, v in cfg.items():
         full = f"{prefix}{k}"
-        keys.append(full)
-        if isinstance(v, DictConfig):
-            keys.extend(_flat_keys(v, full + "."))
+        keys.extend(_flat_keys(v, full + ".") if isinstance(v, DictConfig) else [full])
     return keys
 
 
@@ -93,47 +94,183 @@ def compose(overrides: list[str]) -> DictConfig:
             raise LotaqafError(f"bad override: {msg.splitlines()[0]}") from None
 
 
-def validate(cfg: DictConfig, command: str = "train") -> None:
-    """Every check on values a user can set, in one place, before any work; each failure is one line."""
-    q = cfg.quant
-    if q.bits not in SUPPORTED_BITS:
-        raise LotaqafError(f"quant.bits must be one of {list(SUPPORTED_BITS)}, got {q.bits}")
-    if not (q.group_size == -1 or (isinstance(q.group_size, int) and q.group_size > 0)):
-        raise LotaqafError(f"quant.group_size must be a positive integer or -1, got {q.group_size}")
-    if q.method not in ("gptq", "rtn"):
-        raise LotaqafError(f"quant.method must be gptq or rtn, got {q.method}")
-    if not 0 <= q.damp_percent < 1:
-        raise LotaqafError(f"quant.damp_percent must be in [0, 1), got {q.damp_percent}")
-    for sect in ("calib", "ppl"):
-        c = cfg[sect]
-        if c.n_samples < 1 or c.seq_len < 8:
-            raise LotaqafError(f"{sect}.n_samples must be >= 1 and {sect}.seq_len >= 8")
-        if c.source not in ("self", "file", "c4"):
-            raise LotaqafError(f"{sect}.source must be self, file or c4, got {c.source}")
-        if c.source == "file" and not c.path:
-            raise LotaqafError(f"{sect}.source=file needs {sect}.path")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise LotaqafError(f"device must be auto, cpu or cuda, got {cfg.device}")
-    bad = [s for s in cfg.stages if s not in STAGES]
-    if bad:
-        raise LotaqafError(f"unknown stage(s) {bad}; known: {sorted(STAGES)}")
-    _validate_adapter(cfg.adapter, cfg.optim)
-    _validate_eval(cfg.eval)
-    e = cfg.export
-    if e.format is not None and e.format not in EXPORT_FORMATS:
-        raise LotaqafError(f"unknown export format '{e.format}'; valid: {', '.join(EXPORT_FORMATS)}")
-    if command == "export" and e.format is None:
-        raise LotaqafError(f"export needs --format (export.format): {' | '.join(EXPORT_FORMATS)}")
+# ---------------------------------------------------------------------------------------------
+# the schema: every key of the composed config, its type and what values it allows
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rule:
+    """What one config key allows: a type (int | float | bool | str | list), a range or a set of
+    choices, and whether null is allowed. ``check`` returns None when ``value`` is allowed."""
+
+    type: str
+    choices: tuple = ()
+    low: float | None = None         # inclusive lower bound (exclusive when low_open)
+    low_open: bool = False
+    high: float | None = None        # exclusive upper bound (inclusive when high_closed)
+    high_closed: bool = False
+    also: tuple = ()                 # extra allowed values outside the range (group_size -1)
+    nullable: bool = False
+    item: Rule | None = None         # list items
+    nonempty: bool = False           # lists
+    alt: Rule | None = None          # an alternative rule (schedule: a name or a keep fraction)
+
+    def describe(self) -> str:
+        if self.choices:
+            out = "one of " + ", ".join(map(str, self.choices))
+        elif self.type == "list":
+            out = f"a {'non-empty ' if self.nonempty else ''}list of " + (
+                self.item.describe() if self.item else "values")
+        else:
+            out = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[self.type]
+            if self.low is not None and self.high is not None:
+                out += f" in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{']' if self.high_closed else ')'}"
+            elif self.low is not None:
+                out += f" {'>' if self.low_open else '>='} {self.low:g}"
+            if self.also:
+                out += " or " + ", ".join(map(str, self.also))
+        if self.alt is not None:
+            out += ", or " + self.alt.describe()
+        return out + (", or null" if self.nullable else "")
+
+    def allows(self, value) -> bool:
+        if value is None:
+            return self.nullable
+        if self.alt is not None and self.alt.allows(value):
+            return True
+        if value in self.also and not isinstance(value, bool):
+            return True
+        if self.type == "bool":
+            return isinstance(value, bool)
+        if self.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            return False
+        if self.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return False
+        if self.type == "str" and not isinstance(value, str):
+            return False
+        if self.type == "list":
+            if not isinstance(value, (list, tuple, ListConfig)) or (self.nonempty and not value):
+                return False
+            return self.item is None or all(self.item.allows(v) for v in value)
+        if self.choices:
+            return value in self.choices
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None and (value > self.high if self.high_closed else value >= self.high):
+            return False
+        return True
 
 
-def _validate_adapter(a: DictConfig, o: DictConfig) -> None:
-    from .core.ternary import check_hparams
+def Int(low=None, high=None, **kw) -> Rule:
+    return Rule("int", low=low, high=high, **kw)
+
+
+def Float(low=None, high=None, **kw) -> Rule:
+    return Rule("float", low=low, high=high, **kw)
+
+
+def Choice(*choices, **kw) -> Rule:
+    return Rule("str" if all(isinstance(c, str) for c in choices) else "int", choices=tuple(choices), **kw)
+
+
+BOOL, STR, PATH = Rule("bool"), Rule("str"), Rule("str", nullable=True)
+TEXT_SOURCES = ("self", "file", "c4")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def schema() -> dict[str, Rule]:
+    """The rule of every key a composed config may hold (keys of one adapter or optimizer kind only
+    appear with it). A key missing here is an unknown key."""
+    from .core.ternary import GRANULARITIES
+    from .core.tsignsgd import SCHEDULES
+    from .data.mmlu import FEWSHOT_ROWS
+    from .data.sft import SOURCES as DATA_SOURCES
+    from .eval.mmlu import ENGINES
     from .io.adapter import KINDS
 
-    if a.kind not in KINDS:
-        raise LotaqafError(f"unknown adapter '{a.kind}'; valid: {', '.join(KINDS)}")
-    if o.name not in ("tsignsgd", "adamw"):
-        raise LotaqafError(f"unknown optimizer '{o.name}'; valid: tsignsgd, adamw")
+    text = {"source": Choice(*TEXT_SOURCES), "path": PATH, "n_samples": Int(1), "seq_len": Int(8),
+            "seed": Int(0)}
+    return {
+        "name": STR, "description": STR, "seed": Int(0), "device": Choice("auto", "cpu", "cuda"), "resume": BOOL,
+        "stages": Rule("list", item=Choice(*STAGES), nonempty=True),
+        "run.root": STR, "run.dir": PATH,
+        "model.path": STR, "model.dtype": Choice(*DTYPES),
+        "model.target_modules": Rule("list", item=STR, nonempty=True),
+        "quant.method": Choice("gptq", "rtn"), "quant.bits": Choice(*SUPPORTED_BITS),
+        "quant.group_size": Int(1, also=(-1,)), "quant.act_order": BOOL, "quant.static_groups": BOOL,
+        "quant.true_sequential": BOOL, "quant.damp_percent": Float(0, 1), "quant.block_size": Int(1),
+        "quant.batch_size": Int(1),
+        **{f"calib.{k}": r for k, r in text.items()},
+        **{f"ppl.{k}": r for k, r in text.items()}, "ppl.batch_size": Int(1),
+        "adapter.kind": Choice(*KINDS), "adapter.rank": Int(1), "adapter.omega": Float(0, low_open=True),
+        "adapter.offset_granularity": Choice(*GRANULARITIES), "adapter.alpha": Float(0, low_open=True),
+        "adapter.dropout": Float(0, 1),
+        "optim.name": Choice("tsignsgd", "adamw"), "optim.steps": Int(1), "optim.batch_size": Int(1),
+        "optim.grad_accum": Int(1), "optim.save_every": Int(1), "optim.gradient_checkpointing": BOOL,
+        "optim.schedule": Choice(*SCHEDULES, alt=Float(0, 1, low_open=True, high_closed=True)),
+        "optim.tau": Float(0, low_open=True),
+        "optim.lr": Float(0, low_open=True), "optim.weight_decay": Float(0), "optim.warmup_ratio": Float(0, 1, high_closed=True),
+        "optim.max_grad_norm": Float(0, nullable=True),
+        "data.source": Choice(*DATA_SOURCES), "data.path": PATH, "data.n_samples": Int(1, nullable=True),
+        "data.source_len": Int(0), "data.target_len": Int(1), "data.seed": Int(0),
+        "eval.tasks": Rule("list", item=Choice(*EVAL_TASKS), nonempty=True), "eval.model": PATH,
+        "eval.mmlu_source": Choice("auto", "hub", "offline"), "eval.num_fewshot": Int(0, FEWSHOT_ROWS, high_closed=True),
+        "eval.limit": Int(1, nullable=True), "eval.engine": Choice(*ENGINES), "eval.batch_size": Int(1),
+        "eval.gsm8k_file": PATH,
+        "merge.verify": BOOL, "merge.unmerge": BOOL,
+        "export.format": Choice(*EXPORT_FORMATS, nullable=True), "export.allow_lossy": BOOL,
+    }
+
+
+def _leaves(cfg: DictConfig, prefix: str = ""):
+    for k in cfg:
+        full = f"{prefix}{k}"
+        if OmegaConf.is_missing(cfg, k):
+            yield full, MISSING
+            continue
+        v = cfg[k]
+        if isinstance(v, DictConfig):
+            yield from _leaves(v, full + ".")
+        else:
+            yield full, OmegaConf.to_container(v) if isinstance(v, ListConfig) else v
+
+
+MISSING = object()
+MUST_SET = {"calib.path": "calib=file needs calib.path=FILE", "data.path": "data=jsonl needs data.path=FILE",
+            "name": "a recipe sets it"}
+
+
+def validate(cfg: DictConfig, command: str = "train") -> None:
+    """The one validation of the composed config, before any work; each failure is one line naming
+    the key, the value and what is allowed. First every key against :func:`schema` (type, range,
+    choices), then the rules that join keys, then the paths the command will read or write."""
+    rules = schema()
+    for key, value in _leaves(cfg):
+        if value is MISSING:
+            raise LotaqafError(f"{key} must be set ({MUST_SET.get(key, f'give {key}=VALUE')})")
+        rule = rules.get(key)
+        if rule is None:
+            near = difflib.get_close_matches(key, list(rules), n=3, cutoff=0.5)
+            raise LotaqafError(f"unknown config key '{key}'" + (f"; nearest valid keys: {', '.join(near)}" if near
+                                                                 else ""))
+        if not rule.allows(value):
+            raise LotaqafError(f"{key}={_show(value)} is not allowed: expected {rule.describe()}")
+    _validate_joint(cfg, command)
+    check_paths(cfg, command)
+
+
+def _show(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value).replace("True", "true").replace("False", "false")
+
+
+def _validate_joint(cfg: DictConfig, command: str) -> None:
+    """Rules that join keys (the schema checks each key alone)."""
+    from .core.ternary import check_hparams
+
+    a, o = cfg.adapter, cfg.optim
+    for sect in ("calib", "ppl"):
+        if cfg[sect].source == "file" and not cfg[sect].path:
+            raise LotaqafError(f"{sect}.source=file needs {sect}.path=FILE")
     if a.kind == "lota":
         try:
             check_hparams(a.rank, a.omega, a.offset_granularity)
@@ -141,27 +278,55 @@ def _validate_adapter(a: DictConfig, o: DictConfig) -> None:
             raise LotaqafError(f"adapter: {e}") from None
         if o.name != "tsignsgd":
             raise LotaqafError("adapter=lota trains with optim=tsignsgd (ternary weights have no learning rate)")
-    else:
-        if a.rank < 1:
-            raise LotaqafError(f"adapter.rank must be >= 1, got {a.rank}")
-        if o.name != "adamw":
-            raise LotaqafError(f"adapter={a.kind} trains with optim=adamw")
-    if o.steps < 1 or o.batch_size < 1 or o.grad_accum < 1:
-        raise LotaqafError("optim.steps, optim.batch_size and optim.grad_accum must be >= 1")
+    elif o.name != "adamw":
+        raise LotaqafError(f"adapter={a.kind} trains with optim=adamw")
+    if cfg.data.source == "jsonl" and not cfg.data.path:
+        raise LotaqafError("data=jsonl needs data.path=FILE")
+    if command == "export" and cfg.export.format is None:
+        raise LotaqafError(f"export needs --format (export.format): {' | '.join(EXPORT_FORMATS)}")
 
 
-def _validate_eval(ev: DictConfig) -> None:
-    from .eval.mmlu import check_mmlu_args
+def check_paths(cfg: DictConfig, command: str) -> None:
+    """The paths the command reads must be readable files and the places it writes creatable and
+    writable, before any work (nothing is created by the check)."""
+    if command in ("train", "quantize"):
+        writable_dir(cfg.run.dir or cfg.run.root, "run.dir" if cfg.run.dir else "run.root")
+        uses_data = command == "train" and "train" in cfg.stages
+        reads = [("calib.path", cfg.calib.path if cfg.calib.source == "file" else None),
+                 ("ppl.path", cfg.ppl.path if cfg.ppl.source == "file" and "ppl" in cfg.stages else None),
+                 ("data.path", cfg.data.path if uses_data and cfg.data.source == "jsonl" else None)]
+        for key, path in reads:
+            if path is not None:
+                readable_file(path, key)
+    if command == "eval" and cfg.eval.gsm8k_file is not None:
+        readable_file(cfg.eval.gsm8k_file, "eval.gsm8k_file")
 
-    tasks = list(ev.tasks)
-    bad = [t for t in tasks if t not in EVAL_TASKS]
-    if bad or not tasks:
-        raise LotaqafError(f"unknown task '{bad[0] if bad else tasks}'; valid: {', '.join(EVAL_TASKS)}")
-    check_mmlu_args(ev.engine, ev.limit, ev.num_fewshot, ev.batch_size)
-    if ev.mmlu_source not in ("auto", "hub", "offline"):
-        raise LotaqafError(f"eval.mmlu_source must be auto, hub or offline, got {ev.mmlu_source}")
-    if ev.gsm8k_file is not None and not Path(ev.gsm8k_file).is_file():
-        raise LotaqafError(f"--gsm8k-file {ev.gsm8k_file}: no such file")
+
+def readable_file(path: str, key: str) -> None:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise LotaqafError(f"{key}={path}: no such file")
+    if not p.is_file():
+        raise LotaqafError(f"{key}={path}: not a file")
+    if not os.access(p, os.R_OK):
+        raise LotaqafError(f"{key}={path}: not readable (permission denied)")
+
+
+def writable_dir(path: str, key: str) -> None:
+    """``path`` is, or can be created as, a directory lotaqaf can write in; checked by creating and
+    removing a probe directory in its nearest existing ancestor, so that nothing is left behind."""
+    p = Path(path).expanduser().absolute()
+    ancestor = p
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise LotaqafError(f"{key}={path}: cannot create it ({ancestor} is not a directory)")
+    try:
+        probe = tempfile.mkdtemp(prefix=".lotaqaf-probe-", dir=ancestor)
+        os.rmdir(probe)
+    except OSError as e:
+        what = "write in it" if ancestor == p else f"create it in {ancestor}"
+        raise LotaqafError(f"{key}={path}: cannot {what} ({e.strerror})") from None
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -26,10 +26,11 @@ from omegaconf import DictConfig, OmegaConf
 from . import __version__, ui
 from .data import selfgen, sft, textfile
 from .errors import LotaqafError
+from .interrupts import Interrupted
 from .io.adapter import adapter_spec, load_adapter, save_adapter
 from .io.checkpoint import is_checkpoint, load_quantized, quantized_tensor_hash, save_quantized
 from .io.files import atomic_dir, file_sha256
-from .io.models import LoadedModel, load_model
+from .io.models import LoadedModel, classify, layer_shapes, load_model
 from .io.rundir import NEEDS, Cache, RunDir, find_run, versions
 from .stages import evaluate, export, merge, quantize, train
 
@@ -59,6 +60,7 @@ class Session:
     merged: torch.nn.Module | None = None
     windows: dict = field(default_factory=dict)   # role -> (token windows, sha256)
     timings: dict = field(default_factory=dict)
+    _records: list | None = None
 
     def __post_init__(self):
         if self.source is not None:
@@ -70,10 +72,6 @@ class Session:
 
     def load_source(self) -> LoadedModel:
         if self.source is None:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-            os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF converter's own bars; we show a spinner
             t0 = time.time()
             with ui.status(f"loading {self.cfg.model.path} ..."):
                 self.source = load_model(self.cfg.model.path, self.cfg.model.dtype)
@@ -101,7 +99,8 @@ class Session:
             if windows is not None:
                 ui.say(f"{role} text: reusing {section.n_samples} x {section.seq_len} self-generated tokens")
             else:
-                with ui.progress_bar(f"sampling {role} text from the 16-bit model", None) as advance:
+                with ui.progress_bar(f"sampling {role} text from the 16-bit model", None,
+                                     unit="sequences") as advance:
                     windows = selfgen.self_text_windows(src.model, src.tokenizer, role, section.n_samples,
                                                         section.seq_len, section.seed, progress=advance)
                 path = self.cache.save_text(key, windows)
@@ -117,6 +116,16 @@ class Session:
         self.windows[role] = (windows, "sha256:" + hashlib.sha256(windows.numpy().tobytes()).hexdigest())
         return self.windows[role]
 
+    def records(self) -> list[dict] | None:
+        """The training records of a file or hub source (None for self-distilled data, which needs
+        the model): read once, before the model loads, so that bad data is refused before any work."""
+        d = self.cfg.data
+        if d.source == "self_distill":
+            return None
+        if self._records is None:
+            self._records = sft.load_records(d.source, d.path, d.n_samples, d.seed)
+        return self._records
+
     def examples(self) -> list[dict]:
         """Tokenized, prompt-masked training examples; self-distilled data is generated once and cached."""
         d = self.cfg.data
@@ -127,13 +136,14 @@ class Session:
             if records is not None:
                 ui.say(f"training data: reusing {len(records)} self-distilled examples")
             else:
-                with ui.progress_bar("self-distilling training answers from the 16-bit model", d.n_samples) as adv:
+                with ui.progress_bar("self-distilling training answers from the 16-bit model", d.n_samples,
+                                     unit="answers") as adv:
                     records = sft.self_distill_records(src.model, src.tokenizer, d.n_samples, d.target_len, d.seed,
                                                        progress=adv)
                 path = self.cache.save_sft(key, records)
                 ui.say(f"training data: {len(records)} self-distilled examples cached at {path}")
         else:
-            records = sft.load_records(d.source, d.path, d.n_samples, d.seed)
+            records = self.records()
         return sft.tokenize_records(src.tokenizer, records, d.source_len, d.target_len)
 
 
@@ -307,11 +317,36 @@ def run_command(command: str, cfg: DictConfig) -> None:
 
 def cmd_chain(cfg: DictConfig, command: str) -> None:
     s = Session(cfg, RunDir.for_config(cfg))
-    for name in ["quantize"] if command == "quantize" else list(cfg.stages):
-        ui.say(f"[bold]== {name} ==[/bold]")
-        STEPS[name](s)
-        s.run.log(f"stage {name} done")
+    stages = ["quantize"] if command == "quantize" else list(cfg.stages)
+    preflight(s, stages)
+    name = stages[0]
+    try:
+        for name in stages:
+            ui.say(f"[bold]== {name} ==[/bold]")
+            STEPS[name](s)
+            s.run.log(f"stage {name} done")
+    except Interrupted as e:
+        s.run.mark("interrupted", stage=name, reason=str(e))
+        again = f"resume=true run.dir={s.run.path}" if s.run.path.is_dir() else ""
+        raise Interrupted(e.signum, f"{e}; to continue, run the same command with {again}" if again else str(e)) \
+            from None
+    except Exception as e:
+        s.run.mark("failed", stage=name, error=str(e) or type(e).__name__)
+        raise
+    s.run.mark("done", stages=stages)
     ui.say(f"run directory: {s.run.path}")
+
+
+def preflight(s: Session, stages: list[str]) -> None:
+    """What can be checked before the model's weights load: the quantizer settings against the
+    model's layer shapes (from its config alone), and training data read from a file or the hub."""
+    cfg = s.cfg
+    if "quantize" in stages or "train" in stages:
+        shapes = layer_shapes(cfg.model.path)
+        if shapes is not None:
+            quantize.check_shapes(shapes, cfg.quant)
+    if "train" in stages:
+        s.records()
 
 
 def cmd_merge(cfg: DictConfig, _command: str) -> None:
@@ -396,18 +431,22 @@ def cmd_export(cfg: DictConfig, _command: str) -> None:
         raise LotaqafError(f"{out_dir} already exists: remove it to export again")
     windows = run.heldout_windows(info, tok)
     report: dict = {"format": fmt, "source": str(run.merged_dir), "merged_hash": info["content_hash"]}
+    source = run.config().model.path
+    exact = export.exact_formats(model, gguf_source=classify(source) in ("embedded", "gguf"))
     if fmt == "gguf":
         from transformers import AutoModelForCausalLM
 
         from .io.gguf_export import export_gguf
 
         with atomic_dir(out_dir) as tmp:
-            report.update(export_gguf(model, run.config().model.path, tmp / "model.gguf", allow_lossy=allow_lossy))
+            report.update(export_gguf(model, source, tmp / "model.gguf", allow_lossy=allow_lossy,
+                                      exact=[f for f in exact if f != "gguf"]))
             with ui.status("reading the GGUF file back with transformers ..."):
                 back = AutoModelForCausalLM.from_pretrained(str(tmp), gguf_file="model.gguf", dtype=torch.float32)
             report.update(export.compare(model, back.eval(), windows))  # what an engine reading the file computes
+        report["file"] = str(out_dir / "model.gguf")  # its final path (it was written under a temporary name)
     else:
-        exported, extra = export.convert(model, fmt, allow_lossy)
+        exported, extra = export.convert(model, fmt, allow_lossy, exact)
         report.update(extra)
         report.update(export.compare(model, exported, windows))
         with atomic_dir(out_dir) as tmp:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 
 from rich.console import Console
 from rich.progress import (
@@ -24,19 +25,77 @@ def quiet() -> bool:
     return bool(os.environ.get("LOTAQAF_QUIET"))
 
 
+PLAIN_INTERVAL_S = float(os.environ.get("LOTAQAF_PROGRESS_INTERVAL", "10"))
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+class PlainProgress:
+    """Progress outside a terminal (a log file, CI): one plain line every PLAIN_INTERVAL_S seconds
+    and one at the end, `description: k/N unit (p%), <info>, elapsed, eta`, never a live bar."""
+
+    def __init__(self, description: str, total: int | None, unit: str):
+        self.description, self.total, self.unit = description, total, unit
+        self.done, self.info, self.start, self.last = 0, {}, time.time(), time.time()
+        self.first = None
+
+    def advance(self, n: int = 1, **info) -> None:
+        self.done += n
+        self.info.update(info)
+        if self.first is None:  # the rate is timed from the first advance (a resumed run starts past 0)
+            self.first, self.start = self.done, time.time()
+        if time.time() - self.last >= PLAIN_INTERVAL_S:
+            self.line()
+
+    def line(self) -> None:
+        self.last = time.time()
+        elapsed = self.last - self.start
+        parts = [f"{self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f}%)"
+                 if self.total else f"{self.done} {self.unit}"]
+        parts += [f"{v:g} {k.replace('_per_s', '/s').replace('_', ' ')}" for k, v in self.info.items()
+                  if isinstance(v, (int, float))]
+        parts.append(f"{_clock(elapsed)} elapsed")
+        made = self.done - (self.first or 0)
+        if self.total and 0 < made and self.done < self.total:
+            parts.append(f"eta {_clock(elapsed / made * (self.total - self.done))}")
+        console.print(f"{self.description}: " + ", ".join(parts), markup=False)
+
+
 @contextlib.contextmanager
-def progress_bar(description: str, total: int | None):
-    """Yields advance(n) for a bar (or a spinner when total is None)."""
+def progress_bar(description: str, total: int | None, unit: str = ""):
+    """Yields advance(n, **info) for a live bar in a terminal (a spinner when total is None), else
+    for plain progress lines; ``info`` (e.g. tokens_per_s=...) is shown beside the count."""
+    if quiet():
+        yield lambda n=1, **_: None
+        return
+    if not console.is_terminal:
+        plain = PlainProgress(description, total, unit)
+        yield plain.advance
+        plain.line()
+        return
     cols = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn()]
-    with Progress(*cols, console=console, transient=False, disable=quiet()) as prog:
-        task = prog.add_task(description, total=total)
-        yield lambda n=1, **_: prog.advance(task, n)
+            TimeElapsedColumn(), TextColumn("{task.fields[info]}")]
+    with Progress(*cols, console=console, transient=False) as prog:
+        task = prog.add_task(description, total=total, info="")
+
+        def advance(n=1, **info):
+            shown = ", ".join(f"{v:g} {k.replace('_per_s', '/s')}" for k, v in info.items()
+                              if isinstance(v, (int, float)))
+            prog.update(task, advance=n, **({"info": shown} if shown else {}))
+        yield advance
 
 
 @contextlib.contextmanager
 def status(message: str):
+    """A spinner in a terminal; outside one, the message as a plain line."""
     if quiet():
+        yield
+        return
+    if not console.is_terminal:
+        console.print(message, markup=False)
         yield
         return
     with console.status(message):
@@ -46,3 +105,12 @@ def status(message: str):
 def say(message: str) -> None:
     if not quiet():
         console.print(message)
+
+
+def silence_third_party_progress() -> None:
+    """Other libraries' progress bars (tqdm: the GGUF loader, lm-eval, datasets; huggingface_hub's)
+    write carriage-return updates that flood a log; lotaqaf shows its own progress instead. Call
+    before those libraries are imported (tqdm reads TQDM_DISABLE when it is imported)."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

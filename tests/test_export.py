@@ -58,9 +58,3 @@ def test_hf16_export(here):
     ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert (dense(ids).logits - merged(ids).logits).abs().max().item() < 1e-4
-
-
-def test_export_errors(here, capsys):
-    one_line_error(capsys, ["export", "run=runs/mu", "--format", "gguf"], "GGUF source")
-    one_line_error(capsys, ["export", "run=runs/mu", "--format", "onnx"], "unknown export format")
-    one_line_error(capsys, ["export", "run=runs/mu"], "--format")

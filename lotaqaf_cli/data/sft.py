@@ -191,10 +191,10 @@ def load_jsonl(path: str) -> list[dict]:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
+            try:  # without the line break, so that an error at the end of the line is placed on it
+                obj = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
-                raise LotaqafError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+                raise LotaqafError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.pos + 1})") from None
             try:
                 records.append({"messages": to_messages(obj)})
             except LotaqafError as e:

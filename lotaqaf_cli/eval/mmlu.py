@@ -238,7 +238,8 @@ def _run_fast(model, tokenizer, source, subjects, num_fewshot, limit, batch_size
     work = {s: list(splits[s].test[:limit] if limit else splits[s].test) for s in subjects}
     total = sum(len(v) for v in work.values())
     preds, correct = {}, {}
-    bar = ui.progress_bar("MMLU (fast scorer)", total) if progress else contextlib.nullcontext(lambda n=1: None)
+    bar = (ui.progress_bar("MMLU (fast scorer)", total, unit="questions") if progress
+           else contextlib.nullcontext(lambda n=1: None))
     with bar as adv:
         for s in subjects:
             qs = work[s]

@@ -22,6 +22,7 @@ from ..core.lora import LoRALinear, attach_lora
 from ..core.quant import pack_ternary, unpack_ternary
 from ..core.ternary import TernaryLinear, attach_ternary_adapters
 from ..errors import LotaqafError
+from .files import atomic_file
 
 FORMAT = "lotaqaf-adapter-v1"
 KINDS = ("lota", "lora", "qalora")
@@ -89,9 +90,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, header: dict) -> Non
             tensors[f"{n}.lora_B"] = m.lora_B.detach().contiguous()
     meta = {"format": FORMAT, **header, "shapes": shapes, "layers": list(adapter_layers(model))}
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"lotaqaf": json.dumps(meta)})
-    os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
+    with atomic_file(path) as tmp:  # a reader sees the old file or the whole new one
+        save_file(tensors, str(tmp), metadata={"lotaqaf": json.dumps(meta)})
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:

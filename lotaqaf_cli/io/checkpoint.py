@@ -4,7 +4,8 @@ manifests are io/files.py's).
 Per quantized linear `name`: `name.qweight` int32 [D_in*bits/32, D_out], `name.qzeros` int32
 [G, D_out*bits/32] holding z - 1 ("v1"), `name.scales` fp16 [G, D_out], `name.g_idx` int32 [D_in],
 `name.bias` if any. Every other tensor in full precision. `quantize_config.json` has gptqmodel's
-keys plus a `lotaqaf` provenance block; `lotaqaf_manifest.json` holds the sha256 of every file so
+keys plus a `lotaqaf` provenance block (a checkpoint with fractional zero points declares
+FLOAT_ZERO_DECLARATION instead of quant_method gptq, so that plain GPTQ loaders refuse it); `lotaqaf_manifest.json` holds the sha256 of every file so
 that a truncated or corrupted checkpoint is detected on load.
 """
 
@@ -32,6 +33,17 @@ SETTING_KEYS = {"bits": "bits", "group_size": "group_size", "act_order": "desc_a
                 "static_groups": "static_groups", "true_sequential": "true_sequential",
                 "damp_percent": "damp_percent"}
 SETTING_DEFAULTS = {"act_order": False, "static_groups": False, "true_sequential": False, "damp_percent": 0.01}
+
+
+# A checkpoint with fractional zero points (a merged LoTA-QAF model with the offset factor) computes
+# with its `zero_points` tensors, which plain GPTQ readers ignore: they would silently run the model
+# with the integer qzeros instead. It declares a quantization method and format no plain GPTQ loader
+# accepts (gptqmodel and transformers refuse an unknown quant_method); lotaqaf's loader reads it.
+FLOAT_ZERO_DECLARATION = {
+    "quant_method": "lotaqaf", "checkpoint_format": "lotaqaf_float_zero",
+    "lotaqaf_note": "GPTQ layout plus fractional zero points (<layer>.zero_points) that plain GPTQ engines "
+                    "cannot hold; load it with lotaqaf, or see docs/formats.md for exact exports",
+}
 
 
 def is_checkpoint(directory: str | os.PathLike) -> bool:
@@ -93,8 +105,10 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, sett
 
     full = {**SETTING_DEFAULTS, **{k: v for k, v in settings.items() if k in SETTING_KEYS}}
     qcfg = {SETTING_KEYS[k]: full[k] for k in SETTING_KEYS}
+    float_zeros = any(k.endswith(".zero_points") for k in tensors)
     qcfg.update({
-        "sym": False, "lm_head": False, "quant_method": "gptq", "checkpoint_format": "gptq", "pack_dtype": "int32",
+        "sym": False, "lm_head": False, "pack_dtype": "int32",
+        **(FLOAT_ZERO_DECLARATION if float_zeros else {"quant_method": "gptq", "checkpoint_format": "gptq"}),
         # gptqmodel loads an asymmetric v1 checkpoint only if it declares the zero-point encoding of
         # gptqmodel >= 0.9 (word-wise z - 1), which is exactly what pack_zeros_v1 writes (tested
         # bit for bit against gptqmodel's own files); see docs/decisions.md.

@@ -28,9 +28,21 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def atomic_file(final: str | os.PathLike):
+    """Yield a temporary sibling path; rename it to ``final`` only if the block succeeds (else, e.g.
+    on a full disk, remove it)."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:

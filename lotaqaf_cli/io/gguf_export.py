@@ -82,13 +82,18 @@ def source_gguf(source: str) -> Path:
     if kind == "gguf":
         return Path(source).expanduser()
     raise LotaqafError(f"gguf export copies its metadata and tokenizer from a GGUF source model; this run's "
-                       f"model ({source}) is not one (use --format hf16 or gptq)")
+                       f"model ({source}) is not one")
 
 
-def export_gguf(model, source: str, out_file: Path, allow_lossy: bool = False) -> dict:
+def export_gguf(model, source: str, out_file: Path, allow_lossy: bool = False, exact: tuple = ("hf16",)) -> dict:
+    """Write the merged ``model`` as a GGUF file; a model it cannot hold exactly is refused, naming
+    the formats in ``exact`` that can."""
     import gguf
 
-    src = gguf.GGUFReader(str(source_gguf(source)))
+    try:
+        src = gguf.GGUFReader(str(source_gguf(source)))
+    except LotaqafError as e:
+        raise LotaqafError(f"{e}; exact instead: --format {' or '.join(exact)}") from None
     arch = src.fields["general.architecture"].contents()
     if arch != "llama":
         raise LotaqafError(f"gguf export supports the llama architecture, not {arch}")
@@ -99,7 +104,7 @@ def export_gguf(model, source: str, out_file: Path, allow_lossy: bool = False) -
     if bad:
         raise LotaqafError(f"gguf export maps only 4-bit layers with contiguous groups of a multiple of 32 onto "
                            f"Q4_1 (exact); {bad[0]} is {qmods[bad[0]].bits}-bit g{qmods[bad[0]].group_size}. "
-                           "Use --format hf16 or gptq")
+                           f"Exact instead: --format {' or '.join(exact)}")
     del allow_lossy  # no lossy GGUF path yet: everything exported here is exact up to fp16 rounding
 
     w = gguf.GGUFWriter(str(out_file), arch)

@@ -71,17 +71,71 @@ def classify(path: str) -> str:
     raise LotaqafError(f"model path does not exist: {path}")
 
 
+SMOKE_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "head_dim": 16}
+
+
 def smoke_model(seed: int = 0) -> torch.nn.Module:
     """A tiny random Llama for tests and CI: 2 layers, hidden 64, intermediate 128."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=512,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = LlamaConfig(num_hidden_layers=2, vocab_size=256, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0, **SMOKE_SHAPE)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     model.eval()
     return model
+
+
+def layer_shapes(path: str) -> dict[str, tuple[int, int]] | None:
+    """(in_features, out_features) of each linear layer kind of a decoder layer (q_proj ... down_proj),
+    from the model's config alone (config.json, or a GGUF file's metadata), without loading weights.
+    None when the config cannot be read here (a hub id offline, a GPTQ checkpoint: nothing to quantize)."""
+    kind = classify(path)
+    if kind == "smoke":
+        c = SMOKE_SHAPE
+    elif kind in ("embedded", "gguf"):
+        c = _gguf_shape(embedded_model_path(path.split(":", 1)[1]) if kind == "embedded" else Path(path).expanduser())
+    elif kind in ("local", "hub"):
+        from transformers import AutoConfig
+
+        try:
+            cfg = AutoConfig.from_pretrained(path, local_files_only=kind == "local" or not hub_reachable())
+        except OSError as e:
+            if kind == "hub":
+                raise _hub_error(path, e) from None
+            return None  # the model load reports it
+        except ValueError:
+            return None
+        c = {k: getattr(cfg, k, None) for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                "num_key_value_heads", "head_dim")}
+    else:
+        return None
+    if not all(c.get(k) for k in ("hidden_size", "intermediate_size", "num_attention_heads")):
+        return None
+    h, i, nh = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"]
+    hd = c.get("head_dim") or h // nh
+    kv = (c.get("num_key_value_heads") or nh) * hd
+    return {"q_proj": (h, nh * hd), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (nh * hd, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+_GGUF_SHAPE_KEYS = {"embedding_length": "hidden_size", "feed_forward_length": "intermediate_size",
+                    "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
+                    "attention.key_length": "head_dim"}
+
+
+def _gguf_shape(path: Path) -> dict:
+    from gguf import GGUFReader
+
+    try:
+        fields = GGUFReader(str(path)).fields
+        arch = fields["general.architecture"].contents()
+        return {ours: fields[f"{arch}.{key}"].contents() for key, ours in _GGUF_SHAPE_KEYS.items()
+                if f"{arch}.{key}" in fields}
+    except (ValueError, KeyError, OSError) as e:
+        raise LotaqafError(f"cannot read GGUF file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
 
 
 def _check_arch(model, source: str) -> None:
@@ -132,9 +186,13 @@ def load_model(path: str, dtype: str = "float32") -> LoadedModel:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=local_only)
     except OSError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise LotaqafError(f"cannot fetch '{path}' from the Hugging Face hub (offline or no access: {first[:160]}); "
-                           f"to run offline use recipe={OFFLINE_RECIPE}") from None
+        raise _hub_error(path, e) from None
     _check_arch(model, path)
     commit = getattr(model.config, "_commit_hash", None) or "unknown"
     return LoadedModel(model.eval(), tok, path, kind, f"hub:{path}@{commit}")
+
+
+def _hub_error(path: str, e: OSError) -> LotaqafError:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return LotaqafError(f"cannot fetch '{path}' from the Hugging Face hub (offline or no access: {first[:160]}); "
+                        f"to run offline use recipe={OFFLINE_RECIPE}")

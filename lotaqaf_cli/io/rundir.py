@@ -12,6 +12,7 @@ module for paths, records and models.
           unmerged/  unmerge.json                      `lotaqaf merge --unmerge`
           export-<format>/  export-<format>.json       `lotaqaf export`
           eval-<model>.json  eval-<model>.md           `lotaqaf eval`
+          status.json                                  done | failed (skipped as "newest") | interrupted
     _cache/quantized/<key>/   _cache/text/<key>.safetensors   _cache/sft/<key>.json
 """
 
@@ -31,12 +32,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..errors import LotaqafError
 from .checkpoint import is_checkpoint, load_quantized
-from .files import atomic_dir, write_json_atomic, write_text_atomic
+from .files import atomic_dir, atomic_file, write_json_atomic, write_text_atomic
 
 CONFIG, VERSIONS, LOG = "config.yaml", "versions.json", "run.log"
 ADAPTER, METRICS, CHECKPOINTS, TENSORBOARD = "adapter.safetensors", "metrics.jsonl", "checkpoints", "tensorboard"
 MERGED, UNMERGED = "merged", "unmerged"
-RECORDS = ("quantize", "train", "ppl", "merge_certificate", "unmerge")  # <name>.json
+RECORDS = ("quantize", "train", "ppl", "merge_certificate", "unmerge", "status")  # <name>.json
+# status.json: how the last `lotaqaf train|quantize` of the run ended: done | failed | interrupted.
+# "Newest run" lookups skip failed runs; an interrupted one is resumable (resume=true).
 NEEDS = {"merge": ADAPTER, "eval": CONFIG, "export": ADAPTER}  # what the newest run must hold, per command
 # Keys that may differ between two invocations of the same run (resuming, re-running a stage, the
 # sections of the other commands).
@@ -82,7 +85,7 @@ class Cache:
     each keyed by everything that determines it."""
 
     def __init__(self, root: str | Path):
-        self.path = Path(root) / "_cache"
+        self.path = Path(root).absolute() / "_cache"  # records name cache entries by absolute path
 
     def _file(self, kind: str, key: str, suffix: str = "") -> Path:
         d = self.path / kind
@@ -115,9 +118,8 @@ class Cache:
         from safetensors.torch import save_file
 
         path = self.text_file(key)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"input_ids": windows.contiguous()}, str(tmp))
-        tmp.replace(path)
+        with atomic_file(path) as tmp:
+            save_file({"input_ids": windows.contiguous()}, str(tmp))
         return path
 
     def sft_file(self, key: str) -> Path:
@@ -171,7 +173,8 @@ class RunDir:
         if cfg.run.dir:
             path = Path(cfg.run.dir)
         elif cfg.resume:
-            previous = sorted(p for p in (root / cfg.name).glob("*") if (p / CONFIG).is_file())
+            previous = sorted(p for p in (root / cfg.name).glob("*") if (p / CONFIG).is_file()
+                              and not RunDir(p).failed())
             path = previous[-1] if previous else None
         if path is None:
             path = root / cfg.name / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -213,6 +216,17 @@ class RunDir:
         path = self.path / f"{name}.json"
         write_json_atomic(path, obj)
         return path
+
+    def mark(self, state: str, **info) -> None:
+        """Record how the run's last invocation ended (done | failed | interrupted), if it wrote anything."""
+        if self.path.is_dir():
+            write_json_atomic(self.path / "status.json", {"state": state, **info})
+
+    def failed(self) -> bool:
+        try:
+            return (self.read_record("status") or {}).get("state") == "failed"
+        except (OSError, ValueError):
+            return False
 
     def read_record(self, name: str) -> dict | None:
         f = self.path / f"{name}.json"
@@ -333,8 +347,9 @@ class RunDir:
 
 
 def newest_run(root: str | Path, marker: str = CONFIG) -> RunDir | None:
-    """The most recently written run under ``root`` that holds ``marker`` (None: none)."""
-    runs = sorted(Path(root).glob(f"*/*/{marker}"), key=lambda f: f.stat().st_mtime)
+    """The most recently written run under ``root`` that holds ``marker`` and did not fail (None: none)."""
+    runs = sorted((f for f in Path(root).glob(f"*/*/{marker}") if not RunDir(f.parent).failed()),
+                  key=lambda f: f.stat().st_mtime)
     return RunDir(runs[-1].parent) if runs else None
 
 

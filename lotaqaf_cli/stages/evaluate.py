@@ -25,7 +25,7 @@ def perplexities(models: dict, windows: torch.Tensor, batch_size: int) -> dict:
     results = {}
     for label, model in models.items():
         t0 = time.time()
-        with ui.progress_bar(f"perplexity, {label}", windows.shape[0]) as adv:
+        with ui.progress_bar(f"perplexity, {label}", windows.shape[0], unit="windows") as adv:
             ppl, n_tok = perplexity(model, windows, batch_size, progress=adv)
         results[label] = {"ppl": ppl, "tokens": n_tok, "seconds": round(time.time() - t0, 1)}
     return results

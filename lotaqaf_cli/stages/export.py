@@ -1,6 +1,7 @@
 """Stage `export`: a merged model in formats other engines load.
 
     convert(merged, fmt, allow_lossy)   -> (the model as the format holds it, report)   gptq | hf16
+    exact_formats(merged, gguf_source)  -> the formats that hold it exactly (what refusals suggest)
     compare(merged, exported, windows)  -> max |logit difference| (and perplexities)
 
 gptq  the standard GPTQ checkpoint (no fractional zero points): exact when the run used
@@ -60,15 +61,31 @@ def compare(a: nn.Module, b: nn.Module, windows: torch.Tensor | None = None) -> 
     return out
 
 
+def exact_formats(model: nn.Module, gguf_source: bool = True) -> list[str]:
+    """The export formats that hold this merged model exactly (what a refusal may suggest): gguf for
+    4-bit layers in contiguous groups of a multiple of 32 (from a GGUF source), gptq without
+    fractional zero points, hf16 always."""
+    qmods = quantized_modules(model).values()
+    out = []
+    if gguf_source and all(q.bits == 4 and q.group_size % 32 == 0 and q.group_size > 0 and torch.equal(
+            q.g_idx.long(), torch.arange(q.in_features, device=q.g_idx.device) // q.group_size) for q in qmods):
+        out.append("gguf")
+    if all(torch.equal(q.zeros, q.zeros.round()) for q in qmods):
+        out.append("gptq")
+    return out + ["hf16"]
+
+
 @torch.no_grad()
-def convert(model: nn.Module, fmt: str, allow_lossy: bool = False):
-    """gptq: integer zero points (refused if any is fractional, unless allow_lossy); hf16: dense."""
+def convert(model: nn.Module, fmt: str, allow_lossy: bool = False, exact: list[str] | None = None):
+    """gptq: integer zero points (refused if any is fractional, unless allow_lossy; the refusal names
+    the formats in ``exact``, default :func:`exact_formats`); hf16: dense."""
     if fmt == "gptq":
         plain, n_frac = rounded_zero_model(model)
         if n_frac and not allow_lossy:
             raise LotaqafError(f"{n_frac} zero points are fractional (offset factor); plain GPTQ cannot hold them. "
-                               "Train with adapter.offset_granularity=none for an exact GPTQ export, or pass "
-                               "--allow-lossy")
+                               f"Exact instead: --format {' or '.join(f for f in exact or exact_formats(model) if f != 'gptq')}"
+                               " (or --allow-lossy to round them and measure the change; or train with "
+                               "adapter.offset_granularity=none)")
         return plain, {"fractional_zero_points": n_frac}
     if fmt == "hf16":
         return dequantized_model(model), {}

@@ -1,6 +1,7 @@
 """Stage `quantize`: a 16-bit model and calibration windows -> the GPTQ-quantized model.
 
-    check_model(model, quant)                 before any work: the settings fit the model's layers
+    check_shapes(shapes, quant)               before any work: the settings fit the layer shapes (from config)
+    check_model(model, quant)                 the same on a loaded model's layers
     quantize(model, windows, quant, device)   -> (quantized copy of the model, per-layer stats)
 
 Takes the recipe's `quant` section. The command layer (runner.py) loads the source, prepares the
@@ -17,7 +18,7 @@ from omegaconf import DictConfig
 from rich.table import Table
 
 from .. import ui
-from ..core.quantize_model import check_group_size, linear_layers, quantize_model
+from ..core.quantize_model import linear_layers, quantize_model
 from ..errors import LotaqafError
 
 SETTINGS = ("method", "bits", "group_size", "act_order", "static_groups", "true_sequential", "damp_percent",
@@ -29,15 +30,23 @@ def settings(quant: DictConfig) -> dict:
     return {k: quant[k] for k in SETTINGS}
 
 
+def check_shapes(shapes: dict[str, tuple[int, int]], quant: DictConfig) -> None:
+    """The settings fit layers of these (in_features, out_features): the group size divides every
+    input size, and 3-bit packing has output sizes divisible by 32. One line naming a layer, else None."""
+    g = quant.group_size
+    for name, (d_in, d_out) in shapes.items():
+        if g != -1 and d_in % g:
+            fits = sorted({d for d in (32, 64, 128, 256) if all(i % d == 0 for i, _ in shapes.values())})
+            raise LotaqafError(f"quant.group_size={g} does not divide the input size {d_in} of {name}"
+                               + (f"; group sizes that fit: {', '.join(map(str, fits))} or -1" if fits else
+                                  "; use quant.group_size=-1"))
+        if quant.bits == 3 and d_out % 32:
+            raise LotaqafError(f"3-bit GPTQ packing needs output sizes divisible by 32; {name} has {d_out}")
+
+
 def check_model(model: torch.nn.Module, quant: DictConfig) -> None:
-    bad = check_group_size(model, quant.group_size)
-    if bad:
-        raise LotaqafError(f"quant.group_size={quant.group_size} does not divide the input size of {bad}")
-    if quant.bits == 3:
-        for name, m in linear_layers(model).items():
-            if m.out_features % 32:
-                raise LotaqafError(f"3-bit GPTQ packing needs output sizes divisible by 32; {name} has "
-                                   f"{m.out_features}")
+    """:func:`check_shapes` on the model's own linear layers."""
+    check_shapes({n: (m.in_features, m.out_features) for n, m in linear_layers(model).items()}, quant)
 
 
 def quantize(model: torch.nn.Module, windows: torch.Tensor, quant: DictConfig, device: torch.device):
@@ -46,7 +55,7 @@ def quantize(model: torch.nn.Module, windows: torch.Tensor, quant: DictConfig, d
     q = copy.deepcopy(model)
     n_layers = len(q.model.layers)
     with ui.progress_bar(f"GPTQ {quant.bits}-bit g{quant.group_size} ({quant.method}), per decoder layer",
-                         n_layers) as adv:
+                         n_layers, unit="layers") as adv:
         stats = quantize_model(q, list(windows.split(quant.batch_size)), bits=quant.bits,
                                group_size=quant.group_size, method=quant.method, act_order=quant.act_order,
                                static_groups=quant.static_groups, true_sequential=quant.true_sequential,

@@ -10,6 +10,8 @@ tokenized, prompt-masked training examples, ``spec`` the adapter's layers (io.ad
 of the recipe's `adapter` section), ``optim`` the recipe's `optim` section. ``store`` keeps the
 training state: save_checkpoint(step, state) every optim.save_every steps, newest_checkpoint() for
 resume=True, open_metrics(keep_steps) for one metrics row per step (the run directory is one).
+A SIGINT or SIGTERM (interrupts.installed by the CLI) lets the current step finish, saves a
+checkpoint and raises interrupts.Interrupted, so that resume=True continues bit for bit.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import contextlib
 import copy
 import json
 import math
+import signal
 import time
 
 import torch
 from omegaconf import DictConfig
 
-from .. import ui
+from .. import interrupts, ui
 from ..core.ternary import TernaryLinear
 from ..core.tsignsgd import TSignSGD
 from ..data.sft import SFTBatches
@@ -87,7 +90,8 @@ def train(base: torch.nn.Module, examples: list[dict], spec: dict, optim: DictCo
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     tb = tensorboard_writer(tensorboard_dir)
     t_start = time.time()
-    with ui.progress_bar(f"train ({spec['kind']})", optim.steps) as adv, store.open_metrics(start) as mf:
+    with ui.progress_bar(f"train ({spec['kind']})", optim.steps, unit="steps") as adv, \
+            store.open_metrics(start) as mf, interrupts.deferred():
         adv(start)
         for step in range(start, optim.steps):
             t0 = time.time()
@@ -113,12 +117,16 @@ def train(base: torch.nn.Module, examples: list[dict], spec: dict, optim: DictCo
                 for k, v in row.items():
                     if isinstance(v, (int, float)) and k != "step" and v is not None:
                         tb.add_scalar(f"train/{k}", v, row["step"])
-            adv(1)
-            if (step + 1) % optim.save_every == 0 or step + 1 == optim.steps:
+            adv(1, tokens_per_s=row["tokens_per_s"])
+            signum = interrupts.pending()
+            if (step + 1) % optim.save_every == 0 or step + 1 == optim.steps or signum is not None:
                 store.save_checkpoint(step + 1, {
                     "step": step + 1, "adapter": adapter_state(model), "optimizer": opt.state_dict(),
                     "scheduler": None if sched is None else sched.state_dict(), "data": batches.state_dict(),
                     "rng": _rng_state()})
+            if signum is not None:
+                raise interrupts.Interrupted(signum, f"interrupted by {signal.Signals(signum).name} after step "
+                                                     f"{step + 1} of {optim.steps} (checkpoint saved)")
     if tb is not None:
         tb.close()
     model.eval()

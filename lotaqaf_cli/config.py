@@ -101,7 +101,7 @@ def compose(overrides: list[str]) -> DictConfig:
 @dataclass(frozen=True)
 class Rule:
     """What one config key allows: a type (int | float | bool | str | list), a range or a set of
-    choices, and whether null is allowed. ``check`` returns None when ``value`` is allowed."""
+    choices, and whether null is allowed: :meth:`allows` a value, :meth:`describe` what it allows."""
 
     type: str
     choices: tuple = ()

@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import __version__, ui
+from .config import writable_dir
 from .data import selfgen, sft, textfile
 from .errors import LotaqafError
 from .interrupts import Interrupted
@@ -351,6 +352,7 @@ def preflight(s: Session, stages: list[str]) -> None:
 
 def cmd_merge(cfg: DictConfig, _command: str) -> None:
     run = find_run(cfg.run.dir, cfg.run.root, NEEDS["merge"])
+    writable_dir(str(run.path), "run.dir")  # before the models load
     if cfg.merge.unmerge:
         return cmd_unmerge(run)
     if is_checkpoint(run.merged_dir):
@@ -425,6 +427,7 @@ def _model_at_path(sel: str):
 def cmd_export(cfg: DictConfig, _command: str) -> None:
     fmt, allow_lossy = cfg.export.format, cfg.export.allow_lossy
     run = find_run(cfg.run.dir, cfg.run.root, NEEDS["export"])
+    writable_dir(str(run.path), "run.dir")  # where the export goes, before the model loads
     out_dir = run.export_dir(fmt)
     model, tok, info = run.load_merged()
     if out_dir.exists():

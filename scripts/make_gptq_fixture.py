@@ -14,6 +14,11 @@ Generate the fixtures under tests/fixtures/ (about 3 minutes on 2 CPU cores):
 
     GPTQMODEL_CPU_WORKERS=2 /work/gptq-venv/bin/python scripts/make_gptq_fixture.py
 
+Only try to load a checkpoint (a merged LoTA-QAF model with fractional zero points must be refused,
+an integer-only one loaded):
+
+    GPTQMODEL_CPU_WORKERS=2 /work/gptq-venv/bin/python scripts/make_gptq_fixture.py --try-load DIR
+
 Check a GPTQ checkpoint written by another tool (lotaqaf) against gptqmodel's own dequantization:
 
     GPTQMODEL_CPU_WORKERS=2 /work/gptq-venv/bin/python scripts/make_gptq_fixture.py --check DIR
@@ -465,9 +470,41 @@ def cmd_check(args) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------------------------
+# try-load: does gptqmodel accept a checkpoint at all?
+# --------------------------------------------------------------------------------------------
+def cmd_try_load(args) -> int:
+    """Load DIR with gptqmodel (a temporary copy, with a tiny tokenizer if DIR has none). Prints
+    `loaded` (exit 0) or `refused: <gptqmodel's message>` (exit 3). A merged LoTA-QAF checkpoint with
+    fractional zero points must be refused; an integer-only one must load."""
+    import gptqmodel
+
+    src = Path(args.try_load).resolve()
+    log(f"gptqmodel {gptqmodel.__version__}: loading {src}")
+    cwd = os.getcwd()
+    work = Path(tempfile.mkdtemp(prefix="gptq_try_"))
+    try:
+        os.chdir(work)
+        ckpt = work / "ckpt"
+        shutil.copytree(src, ckpt)
+        if not (ckpt / "tokenizer.json").exists() and not (ckpt / "tokenizer_config.json").exists():
+            build_tokenizer(json.loads((ckpt / "config.json").read_text()).get("vocab_size", VOCAB)).save_pretrained(ckpt)
+        try:
+            load_with_gptqmodel(ckpt)
+        except Exception as e:  # noqa: BLE001 - report what gptqmodel raises
+            log(f"refused: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            return 3
+        log("loaded")
+        return 0
+    finally:
+        os.chdir(cwd)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", metavar="DIR", help="compare DIR/reference_dequant.safetensors with gptqmodel")
+    p.add_argument("--try-load", metavar="DIR", help="only load DIR with gptqmodel: `loaded` (0) or `refused` (3)")
     p.add_argument("--out-root", default=str(FIXTURES_DIR), help="where fixture dirs are written")
     p.add_argument("--only", nargs="+", choices=sorted(CONFIGS), help="generate only these fixtures")
     p.add_argument("--ref-dtype", choices=("float32", "float16"), default="float32",
@@ -476,6 +513,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.check:
         return cmd_check(args)
+    if args.try_load:
+        return cmd_try_load(args)
     return cmd_generate(args)
 
 

@@ -37,10 +37,12 @@ SETTING_DEFAULTS = {"act_order": False, "static_groups": False, "true_sequential
 
 # A checkpoint with fractional zero points (a merged LoTA-QAF model with the offset factor) computes
 # with its `zero_points` tensors, which plain GPTQ readers ignore: they would silently run the model
-# with the integer qzeros instead. It declares a quantization method and format no plain GPTQ loader
-# accepts (gptqmodel and transformers refuse an unknown quant_method); lotaqaf's loader reads it.
+# with the integer qzeros instead. It declares a checkpoint format no plain GPTQ loader accepts
+# (gptqmodel refuses an unknown checkpoint_format; transformers hands quant_method gptq to its GPTQ
+# backend, which refuses it in turn; an unknown quant_method would instead make transformers skip
+# quantization and load random weights); lotaqaf's loader reads it.
 FLOAT_ZERO_DECLARATION = {
-    "quant_method": "lotaqaf", "checkpoint_format": "lotaqaf_float_zero",
+    "quant_method": "gptq", "checkpoint_format": "lotaqaf_float_zero",
     "lotaqaf_note": "GPTQ layout plus fractional zero points (<layer>.zero_points) that plain GPTQ engines "
                     "cannot hold; load it with lotaqaf, or see docs/formats.md for exact exports",
 }

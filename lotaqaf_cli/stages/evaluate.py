@@ -8,6 +8,7 @@ Take the recipe's `ppl` / `eval` sections. The MMLU and GSM8K integrations are i
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -42,6 +43,11 @@ def show_perplexities(results: dict, windows: torch.Tensor, source: str) -> None
         ui.console.print(t)
 
 
+def _lm_eval_status(what: str, via_lm_eval: bool = True):
+    """lm-eval's own progress bars are off (they flood logs): say what runs instead."""
+    return ui.status(f"{what} via lm-eval ...") if via_lm_eval else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, ev: DictConfig, label: str, windows: torch.Tensor | None = None,
              tasks: list[str] | None = None) -> dict:
@@ -51,14 +57,16 @@ def evaluate(model, tokenizer, ev: DictConfig, label: str, windows: torch.Tensor
     model.eval()
     out: dict = {"model": label}
     if "mmlu" in tasks:
-        res = evaluate_mmlu(model, tokenizer, source=ev.mmlu_source, num_fewshot=ev.num_fewshot, limit=ev.limit,
-                            engine=ev.engine, batch_size=ev.batch_size)
+        with _lm_eval_status(f"MMLU {ev.num_fewshot}-shot of {label}", ev.engine == "lm-eval"):
+            res = evaluate_mmlu(model, tokenizer, source=ev.mmlu_source, num_fewshot=ev.num_fewshot, limit=ev.limit,
+                                engine=ev.engine, batch_size=ev.batch_size)
         out["mmlu"] = res
         if not ui.quiet():
             ui.console.print(results_table(res))
         out["mmlu_markdown"] = results_markdown(res)
     if "gsm8k" in tasks:
-        res = evaluate_gsm8k(model, tokenizer, limit=ev.limit, batch_size=ev.batch_size, data_file=ev.gsm8k_file)
+        with _lm_eval_status(f"GSM8K of {label}"):
+            res = evaluate_gsm8k(model, tokenizer, limit=ev.limit, batch_size=ev.batch_size, data_file=ev.gsm8k_file)
         out["gsm8k"] = res
         ui.say(f"GSM8K 0-shot exact match (number after ####) of {label}: {100 * res['exact_match']:.2f}% "
                f"of {res['n']} questions (flexible extract {100 * res['flexible_extract']:.2f}%)")

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     except LotaqafError as e:  # interrupts.Interrupted too: exit 130 (SIGINT) or 143 (SIGTERM)
         if args.debug:
             raise
-        print(f"lotaqaf: error: {e}", file=sys.stderr)
+        print(f"lotaqaf: {'' if isinstance(e, interrupts.Interrupted) else 'error: '}{e}", file=sys.stderr)
         return e.exit_code
     except OSError as e:  # disk full, permission denied... while reading or writing a file
         if args.debug or e.strerror is None:

@@ -39,7 +39,8 @@ class PlainProgress:
 
     def __init__(self, description: str, total: int | None, unit: str):
         self.description, self.total, self.unit = description, total, unit
-        self.done, self.info, self.start, self.last = 0, {}, time.time(), time.time()
+        self.done, self.info = 0, {}
+        self.created = self.start = self.last = time.time()
         self.first = None
 
     def advance(self, n: int = 1, **info) -> None:
@@ -52,7 +53,7 @@ class PlainProgress:
 
     def line(self) -> None:
         self.last = time.time()
-        elapsed = self.last - self.start
+        elapsed, timed = self.last - self.created, self.last - self.start
         parts = [f"{self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f}%)"
                  if self.total else f"{self.done} {self.unit}"]
         parts += [f"{v:g} {k.replace('_per_s', '/s').replace('_', ' ')}" for k, v in self.info.items()
@@ -60,7 +61,7 @@ class PlainProgress:
         parts.append(f"{_clock(elapsed)} elapsed")
         made = self.done - (self.first or 0)
         if self.total and 0 < made and self.done < self.total:
-            parts.append(f"eta {_clock(elapsed / made * (self.total - self.done))}")
+            parts.append(f"eta {_clock(timed / made * (self.total - self.done))}")
         console.print(f"{self.description}: " + ", ".join(parts), markup=False)
 
 

@@ -73,8 +73,17 @@ def test_resume_after_sigkill_and_sigterm_is_bit_identical(in_tmp):
     """SIGKILL (nothing runs: resume from the last periodic checkpoint) and SIGTERM (a batch job's
     stop: the step ends, a checkpoint is saved, exit 143 with one line) both resume bit for bit."""
     env = {**os.environ, "LOTAQAF_QUIET": "1"}
-    # the first run also fills the caches (quantized base, training data) that the others reuse
-    subprocess.run(_train_cmd("runs/full"), check=True, env=env, cwd=in_tmp)
+    # the first run also fills the caches (quantized base, training data) that the others reuse;
+    # its output goes to a pipe, as `lotaqaf train > log` does: plain progress lines, no live bars
+    loud = {k: v for k, v in env.items() if k != "LOTAQAF_QUIET"}
+    r = subprocess.run(_train_cmd("runs/full"), env=loud, cwd=in_tmp, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    log = r.stdout + r.stderr
+    assert "\r" not in log and "\x1b[" not in log, "a live bar or terminal control codes in a log"
+    for line in ("sampling calib text from the 16-bit model: 8 sequences", "GPTQ 4-bit g32 (gptq), per decoder "
+                 "layer: 2/2 layers (100%)", "self-distilling training answers from the 16-bit model: 8/8 answers",
+                 "train (lota): 60/60 steps (100%)"):
+        assert line in log, (line, log)
     _, full = read_adapter(in_tmp / "runs/full/adapter.safetensors")
     assert sum(int((full[k] != 0).sum()) for k in full if k.endswith("B_T")) > 0  # training changed it
 

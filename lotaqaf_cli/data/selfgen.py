@@ -61,6 +61,19 @@ def _encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     return [tokenizer(p)["input_ids"] for p in prompts]
 
 
+def _token_progress(progress, width: int):
+    """A stopping criterion that never stops: at every generation step it reports the tokens the
+    batch has sampled so far as ``progress(0, tokens_in_batch=n)`` (a batch takes minutes on a CPU)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class TokenProgress(StoppingCriteria):
+        def __call__(self, input_ids, scores, **_):
+            progress(0, tokens_in_batch=(input_ids.shape[1] - width) * input_ids.shape[0])
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([TokenProgress()])
+
+
 @torch.no_grad()
 def sample_answers(model, tokenizer, role: str, n_prompts: int, max_new_tokens: int, seed: int,
                    batch_size: int = 32, progress=None) -> list[tuple[list[int], list[int]]]:
@@ -92,7 +105,8 @@ def sample_answers(model, tokenizer, role: str, n_prompts: int, max_new_tokens: 
         torch.manual_seed(seed * 1000003 + b0)
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
                              temperature=0.8, top_p=0.95, max_new_tokens=max_new_tokens,
-                             pad_token_id=pad_id, eos_token_id=eos_id)
+                             pad_token_id=pad_id, eos_token_id=eos_id,
+                             stopping_criteria=_token_progress(progress, width) if progress else None)
         for r, p in enumerate(batch):
             ans = gen[r, width:].tolist()
             if eos_id is not None and eos_id in ans:

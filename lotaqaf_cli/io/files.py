@@ -41,6 +41,10 @@ def atomic_file(final: str | os.PathLike):
     try:
         yield tmp
         os.replace(tmp, final)
+    except OSError as e:  # name the artifact, not its temporary name
+        if e.filename is not None and str(e.filename) == str(tmp):
+            raise OSError(e.errno, e.strerror, str(final)) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

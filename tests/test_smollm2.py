@@ -52,3 +52,17 @@ def test_gptq_beats_rtn_on_smollm2_layers(smollm2):
         assert s.gptq_error <= s.rtn_error, s
     assert sum(s.gptq_error for s in stats) < 0.8 * sum(s.rtn_error for s in stats)
     torch.testing.assert_close(model.model.embed_tokens.weight, smollm2.model.model.embed_tokens.weight)
+
+
+def test_layer_shapes_from_config_match_the_loaded_layers(smollm2, tmp_path):
+    """The shapes the preflight checks (from the GGUF metadata or config.json alone, no weights)
+    are the shapes of the layers transformers builds."""
+    from tiny_models import tiny_model_dir
+
+    from lotaqaf_cli.core.quantize_model import linear_layers
+    from lotaqaf_cli.io.models import layer_shapes, load_model
+
+    tiny = tiny_model_dir(tmp_path / "tiny")
+    for path, model in (("embedded:smollm2", smollm2.model), (str(tiny), load_model(str(tiny)).model)):
+        built = {n.rsplit(".", 1)[1]: (m.in_features, m.out_features) for n, m in linear_layers(model).items()}
+        assert layer_shapes(path) == built, path

@@ -3,6 +3,7 @@ GPTQ checkpoint, or the tiny random `smoke` model built in code."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import re
@@ -126,13 +127,21 @@ _GGUF_SHAPE_KEYS = {"embedding_length": "hidden_size", "feed_forward_length": "i
 
 
 def _gguf_shape(path: Path) -> dict:
+    st = path.stat() if path.is_file() else None
+    return dict(_gguf_shape_cached(str(path), st and (st.st_size, st.st_mtime_ns)))
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_shape_cached(path: str, _stamp) -> tuple:
+    """The shape keys of a GGUF file's metadata (the reader parses the whole header, ~5 s for
+    SmolLM2's vocabulary, so a process reads each file once)."""
     from gguf import GGUFReader
 
     try:
         fields = GGUFReader(str(path)).fields
         arch = fields["general.architecture"].contents()
-        return {ours: fields[f"{arch}.{key}"].contents() for key, ours in _GGUF_SHAPE_KEYS.items()
-                if f"{arch}.{key}" in fields}
+        return tuple((ours, fields[f"{arch}.{key}"].contents()) for key, ours in _GGUF_SHAPE_KEYS.items()
+                     if f"{arch}.{key}" in fields)
     except (ValueError, KeyError, OSError) as e:
         raise LotaqafError(f"cannot read GGUF file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
             from None

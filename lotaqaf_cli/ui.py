@@ -17,8 +17,9 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+# Outside a terminal: no control codes, tables 120 wide, long lines not wrapped (grep-able logs).
 console = Console(highlight=False, force_terminal=None if sys.stdout.isatty() else False,
-                  width=None if sys.stdout.isatty() else 120)
+                  width=None if sys.stdout.isatty() else 120, soft_wrap=not sys.stdout.isatty())
 
 
 def quiet() -> bool:

@@ -13,6 +13,7 @@ stage. Run files are named only by io/rundir.py; stages get their own config sec
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
@@ -173,7 +174,7 @@ def step_quantize(s: Session) -> None:
     key = Cache.quantized_key(src.source_hash, calib_hash, settings)
     out_dir = s.cache.quantized_dir(key)
     try:
-        with ui.status("loading the cached quantized base ..."):
+        with ui.status("loading the cached quantized base ...") if is_checkpoint(out_dir) else contextlib.nullcontext():
             cached = s.cache.load_quantized(key)
     except LotaqafError as e:
         ui.say(f"[yellow]cached quantized base is unusable ({e}); quantizing again[/yellow]")

@@ -42,7 +42,7 @@ class PlainProgress:
         self.description, self.total, self.unit = description, total, unit
         self.done, self.info = 0, {}
         self.created = self.start = self.last = time.time()
-        self.first = None
+        self.first, self.shown = None, None
 
     def advance(self, n: int = 1, **info) -> None:
         self.done += n
@@ -52,8 +52,12 @@ class PlainProgress:
         if time.time() - self.last >= PLAIN_INTERVAL_S:
             self.line()
 
+    def finish(self) -> None:
+        if self.shown != (self.done, self.info):  # the last line already says it all
+            self.line()
+
     def line(self) -> None:
-        self.last = time.time()
+        self.last, self.shown = time.time(), (self.done, dict(self.info))
         elapsed, timed = self.last - self.created, self.last - self.start
         parts = [f"{self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f}%)"
                  if self.total else f"{self.done} {self.unit}"]
@@ -76,7 +80,7 @@ def progress_bar(description: str, total: int | None, unit: str = ""):
     if not console.is_terminal:
         plain = PlainProgress(description, total, unit)
         yield plain.advance
-        plain.line()
+        plain.finish()
         return
     cols = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), TextColumn("{task.fields[info]}")]

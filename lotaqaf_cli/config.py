@@ -298,7 +298,8 @@ def check_paths(cfg: DictConfig, command: str) -> None:
         for key, path in reads:
             if path is not None:
                 readable_file(path, key)
-    if command == "eval" and cfg.eval.gsm8k_file is not None:
+    evaluates = command == "eval" or (command == "train" and "eval" in cfg.stages)
+    if evaluates and cfg.eval.gsm8k_file is not None:
         readable_file(cfg.eval.gsm8k_file, "eval.gsm8k_file")
 
 

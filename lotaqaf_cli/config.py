@@ -44,15 +44,6 @@ def list_recipes() -> list[tuple[str, str]]:
     return out
 
 
-def _flat_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
-    """Every leaf key (what a user sets), dotted."""
-    keys = []
-    for k, v in cfg.items():
-        full = f"{prefix}{k}"
-        keys.extend(_flat_keys(v, full + ".") if isinstance(v, DictConfig) else [full])
-    return keys
-
-
 def _check_group_choices(overrides: list[str]) -> None:
     for ov in overrides:
         key, _, value = ov.partition("=")
@@ -88,7 +79,7 @@ def compose(overrides: list[str]) -> DictConfig:
                 key = m.group(1)
                 groups = [o for o in overrides if o.split("=", 1)[0] in GROUPS]
                 base = hydra_compose(config_name="config", overrides=groups)
-                near = difflib.get_close_matches(key, _flat_keys(base), n=3, cutoff=0.5)
+                near = difflib.get_close_matches(key, [k for k, _ in _leaves(base)], n=3, cutoff=0.5)
                 hint = f"; nearest valid keys: {', '.join(near)}" if near else ""
                 raise LotaqafError(f"unknown config key '{key}'{hint}") from None
             raise LotaqafError(f"bad override: {msg.splitlines()[0]}") from None
@@ -223,6 +214,7 @@ def schema() -> dict[str, Rule]:
 
 
 def _leaves(cfg: DictConfig, prefix: str = ""):
+    """(dotted key, value) of every leaf, MISSING for a `???` value."""
     for k in cfg:
         full = f"{prefix}{k}"
         if OmegaConf.is_missing(cfg, k):

@@ -32,7 +32,7 @@ from .interrupts import Interrupted
 from .io.adapter import adapter_spec, load_adapter, save_adapter
 from .io.checkpoint import is_checkpoint, load_quantized, quantized_tensor_hash, save_quantized
 from .io.files import atomic_dir, file_sha256
-from .io.models import LoadedModel, classify, layer_shapes, load_model
+from .io.models import LoadedModel, gguf_file, layer_shapes, load_model
 from .io.rundir import NEEDS, Cache, RunDir, find_run, versions
 from .stages import evaluate, export, merge, quantize, train
 
@@ -436,7 +436,7 @@ def cmd_export(cfg: DictConfig, _command: str) -> None:
     windows = run.heldout_windows(info, tok)
     report: dict = {"format": fmt, "source": str(run.merged_dir), "merged_hash": info["content_hash"]}
     source = run.config().model.path
-    exact = export.exact_formats(model, gguf_source=classify(source) in ("embedded", "gguf"))
+    exact = export.exact_formats(model, gguf_source=gguf_file(source) is not None)
     if fmt == "gguf":
         from transformers import AutoModelForCausalLM
 

@@ -8,6 +8,7 @@ import torch
 from cli_helpers import one_line_error, run_commands_in
 
 from lotaqaf_cli.cli import main
+from lotaqaf_cli.core.qlinear import quantized_modules
 from lotaqaf_cli.io.checkpoint import load_quantized
 
 
@@ -25,6 +26,21 @@ def runs(tmp_path_factory):
 def here(runs, monkeypatch):
     monkeypatch.chdir(runs)
     return runs
+
+
+def test_float_zero_checkpoints_do_not_declare_plain_gptq(here):
+    """A merged checkpoint that needs its fractional zero points declares a format plain GPTQ loaders
+    refuse (in both files they read); an integer-only one, and the GPTQ export, stay plain GPTQ."""
+    def declared(d):
+        q = json.loads((here / d / "quantize_config.json").read_text())
+        c = json.loads((here / d / "config.json").read_text())["quantization_config"]
+        assert (q["quant_method"], q["checkpoint_format"]) == (c["quant_method"], c["checkpoint_format"])
+        return q["checkpoint_format"]
+
+    assert declared("runs/mu/merged") == "lotaqaf_float_zero"
+    assert declared("runs/nomu/merged") == "gptq"
+    model, _, _ = load_quantized(here / "runs/mu/merged")  # lotaqaf reads it, with its fractional zeros
+    assert any(not torch.equal(q.zeros, q.zeros.round()) for q in quantized_modules(model).values())
 
 
 def test_gptq_export_exact_without_offset_factor(here):

@@ -8,7 +8,7 @@ import torch
 from lotaqaf_cli.core.gptq import HessianAccumulator, gptq_quantize, output_error
 from lotaqaf_cli.core.qlinear import QuantLinear
 from lotaqaf_cli.core.quant import dequantize, rtn_quantize
-from lotaqaf_cli.core.quantize_model import check_group_size, quantize_model
+from lotaqaf_cli.core.quantize_model import quantize_model
 
 
 def test_hessian_is_two_over_n_xtx():
@@ -70,6 +70,11 @@ def test_gptq_never_worse_than_rtn_on_tiny_model(smoke, calib_ids, bits, act_ord
 
 
 def test_group_size_check_names_layer(smoke):
-    assert check_group_size(smoke, 32) is None
-    bad = check_group_size(smoke, 48)
-    assert bad.startswith("model.layers.0.") and "64" in bad
+    from omegaconf import OmegaConf
+
+    from lotaqaf_cli.errors import LotaqafError
+    from lotaqaf_cli.stages.quantize import check_model
+
+    check_model(smoke, OmegaConf.create({"group_size": 32, "bits": 4}))
+    with pytest.raises(LotaqafError, match=r"does not divide the input size 64 of model\.layers\.0\.self_attn"):
+        check_model(smoke, OmegaConf.create({"group_size": 48, "bits": 4}))

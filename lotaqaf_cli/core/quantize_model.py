@@ -46,18 +46,6 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     return {f"{prefix}.{n}": m for n, m in decoder_layers(model).named_modules() if isinstance(m, nn.Linear)}
 
 
-def check_group_size(model: nn.Module, group_size: int) -> str | None:
-    """The first layer whose input size the group size does not divide, else None."""
-    if group_size <= 0:
-        return None
-    for name, m in linear_layers(model).items():
-        if m.in_features % group_size:
-            return f"{name} (input size {m.in_features})"
-    return None
-
-
-
-
 def _call_layer(layer, hidden, kwargs):
     out = layer(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out

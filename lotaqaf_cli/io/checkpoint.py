@@ -4,9 +4,10 @@ manifests are io/files.py's).
 Per quantized linear `name`: `name.qweight` int32 [D_in*bits/32, D_out], `name.qzeros` int32
 [G, D_out*bits/32] holding z - 1 ("v1"), `name.scales` fp16 [G, D_out], `name.g_idx` int32 [D_in],
 `name.bias` if any. Every other tensor in full precision. `quantize_config.json` has gptqmodel's
-keys plus a `lotaqaf` provenance block (a checkpoint with fractional zero points declares
-FLOAT_ZERO_DECLARATION instead of quant_method gptq, so that plain GPTQ loaders refuse it); `lotaqaf_manifest.json` holds the sha256 of every file so
-that a truncated or corrupted checkpoint is detected on load.
+keys plus a `lotaqaf` provenance block; a checkpoint with fractional zero points declares
+FLOAT_ZERO_DECLARATION instead of checkpoint_format gptq, so that plain GPTQ loaders refuse it.
+`lotaqaf_manifest.json` holds the sha256 of every file so that a truncated or corrupted checkpoint
+is detected on load.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import torch
 
 from ..core.qlinear import QuantLinear
 from ..errors import LotaqafError
-from .models import classify, embedded_model_path
+from .models import gguf_file
 
 HF_TO_GGUF = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -76,13 +76,18 @@ def q4_1_blocks(q: QuantLinear, row_order: torch.Tensor | None) -> tuple[np.ndar
 
 
 def source_gguf(source: str) -> Path:
-    kind = classify(source)
-    if kind == "embedded":
-        return embedded_model_path(source.split(":", 1)[1])
-    if kind == "gguf":
-        return Path(source).expanduser()
-    raise LotaqafError(f"gguf export copies its metadata and tokenizer from a GGUF source model; this run's "
-                       f"model ({source}) is not one")
+    path = gguf_file(source)
+    if path is None:
+        raise LotaqafError(f"gguf export copies its metadata and tokenizer from a GGUF source model; this run's "
+                           f"model ({source}) is not one")
+    return path
+
+
+def q4_1_exact(q: QuantLinear) -> bool:
+    """Q4_1 holds the layer exactly (up to fp16 d and m): 4-bit codes in contiguous groups of a
+    multiple of 32 input rows."""
+    return q.bits == 4 and q.group_size > 0 and q.group_size % 32 == 0 and torch.equal(
+        q.g_idx.long(), torch.arange(q.in_features, device=q.g_idx.device) // q.group_size)
 
 
 def export_gguf(model, source: str, out_file: Path, allow_lossy: bool = False, exact: tuple = ("hf16",)) -> dict:
@@ -99,8 +104,7 @@ def export_gguf(model, source: str, out_file: Path, allow_lossy: bool = False, e
         raise LotaqafError(f"gguf export supports the llama architecture, not {arch}")
     cfg = model.config
     qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    bad = [n for n, m in qmods.items() if m.bits != 4 or m.group_size % 32 or
-           not torch.equal(m.g_idx.long(), torch.arange(m.in_features) // m.group_size)]
+    bad = [n for n, m in qmods.items() if not q4_1_exact(m)]
     if bad:
         raise LotaqafError(f"gguf export maps only 4-bit layers with contiguous groups of a multiple of 32 onto "
                            f"Q4_1 (exact); {bad[0]} is {qmods[bad[0]].bits}-bit g{qmods[bad[0]].group_size}. "

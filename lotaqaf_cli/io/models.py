@@ -76,6 +76,14 @@ SMOKE_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads
                "head_dim": 16}
 
 
+def gguf_file(path: str) -> Path | None:
+    """The GGUF file a model source names (`embedded:NAME` or a .gguf path), else None."""
+    kind = classify(path)
+    if kind == "embedded":
+        return embedded_model_path(path.split(":", 1)[1])
+    return Path(path).expanduser() if kind == "gguf" else None
+
+
 def smoke_model(seed: int = 0) -> torch.nn.Module:
     """A tiny random Llama for tests and CI: 2 layers, hidden 64, intermediate 128."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -96,7 +104,7 @@ def layer_shapes(path: str) -> dict[str, tuple[int, int]] | None:
     if kind == "smoke":
         c = SMOKE_SHAPE
     elif kind in ("embedded", "gguf"):
-        c = _gguf_shape(embedded_model_path(path.split(":", 1)[1]) if kind == "embedded" else Path(path).expanduser())
+        c = _gguf_shape(gguf_file(path))
     elif kind in ("local", "hub"):
         from transformers import AutoConfig
 
@@ -169,7 +177,7 @@ def load_model(path: str, dtype: str = "float32") -> LoadedModel:
         model, tok, info = load_quantized(path)
         return LoadedModel(model, tok, path, kind, info["content_hash"], quantized=True, info=info)
     if kind in ("embedded", "gguf"):
-        gguf = embedded_model_path(path.split(":", 1)[1]) if kind == "embedded" else Path(path).expanduser()
+        gguf = gguf_file(path)
         try:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch_dtype)

@@ -173,9 +173,8 @@ class RunDir:
         if cfg.run.dir:
             path = Path(cfg.run.dir)
         elif cfg.resume:
-            previous = sorted(p for p in (root / cfg.name).glob("*") if (p / CONFIG).is_file()
-                              and not RunDir(p).failed())
-            path = previous[-1] if previous else None
+            previous = newest_run(root, CONFIG, recipe=cfg.name)
+            path = previous.path if previous else None
         if path is None:
             path = root / cfg.name / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run = cls(path, cfg)
@@ -346,9 +345,10 @@ class RunDir:
         return Cache(cfg.run.root).load_text(Cache.text_key(src, "heldout", cfg.ppl))
 
 
-def newest_run(root: str | Path, marker: str = CONFIG) -> RunDir | None:
-    """The most recently written run under ``root`` that holds ``marker`` and did not fail (None: none)."""
-    runs = sorted((f for f in Path(root).glob(f"*/*/{marker}") if not RunDir(f.parent).failed()),
+def newest_run(root: str | Path, marker: str = CONFIG, recipe: str = "*") -> RunDir | None:
+    """The most recently written run under ``root`` (of ``recipe``, default any) that holds ``marker``
+    and did not fail (None: none)."""
+    runs = sorted((f for f in Path(root).glob(f"{recipe}/*/{marker}") if not RunDir(f.parent).failed()),
                   key=lambda f: f.stat().st_mtime)
     return RunDir(runs[-1].parent) if runs else None
 

@@ -24,6 +24,7 @@ from ..core.merge import probe_batch
 from ..core.perplexity import perplexity
 from ..core.qlinear import QuantLinear, quantized_modules, replace_module
 from ..errors import LotaqafError
+from ..io.gguf_export import q4_1_exact
 
 
 def dequantized_model(model: nn.Module, dtype=torch.float32) -> nn.Module:
@@ -66,10 +67,7 @@ def exact_formats(model: nn.Module, gguf_source: bool = True) -> list[str]:
     4-bit layers in contiguous groups of a multiple of 32 (from a GGUF source), gptq without
     fractional zero points, hf16 always."""
     qmods = quantized_modules(model).values()
-    out = []
-    if gguf_source and all(q.bits == 4 and q.group_size % 32 == 0 and q.group_size > 0 and torch.equal(
-            q.g_idx.long(), torch.arange(q.in_features, device=q.g_idx.device) // q.group_size) for q in qmods):
-        out.append("gguf")
+    out = ["gguf"] if gguf_source and all(q4_1_exact(q) for q in qmods) else []
     if all(torch.equal(q.zeros, q.zeros.round()) for q in qmods):
         out.append("gptq")
     return out + ["hf16"]

@@ -165,7 +165,7 @@ def Choice(*choices, **kw) -> Rule:
 
 
 BOOL, STR, PATH = Rule("bool"), Rule("str"), Rule("str", nullable=True)
-TEXT_SOURCES = ("self", "file", "c4")
+TEXT_SOURCES = ("self", "shipped", "file", "c4")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -194,7 +194,7 @@ def schema() -> dict[str, Rule]:
         **{f"calib.{k}": r for k, r in text.items()},
         **{f"ppl.{k}": r for k, r in text.items()}, "ppl.batch_size": Int(1),
         "adapter.kind": Choice(*KINDS), "adapter.rank": Int(1), "adapter.omega": Float(0, low_open=True),
-        "adapter.offset_granularity": Choice(*GRANULARITIES), "adapter.alpha": Float(0, low_open=True),
+        "adapter.offset_granularity": Choice(*GRANULARITIES), "adapter.markers": BOOL, "adapter.alpha": Float(0, low_open=True),
         "adapter.dropout": Float(0, 1),
         "optim.name": Choice("tsignsgd", "adamw"), "optim.steps": Int(1), "optim.batch_size": Int(1),
         "optim.grad_accum": Int(1), "optim.save_every": Int(1), "optim.gradient_checkpointing": BOOL,
@@ -270,12 +270,30 @@ def _validate_joint(cfg: DictConfig, command: str) -> None:
             raise LotaqafError(f"adapter: {e}") from None
         if o.name != "tsignsgd":
             raise LotaqafError("adapter=lota trains with optim=tsignsgd (ternary weights have no learning rate)")
+        if not a.markers and a.offset_granularity == "none":
+            raise LotaqafError("adapter.markers=false with adapter.offset_granularity=none leaves the adapter no "
+                               "effect: keep one of them")
     elif o.name != "adamw":
         raise LotaqafError(f"adapter={a.kind} trains with optim=adamw")
+    if command in ("train", "quantize"):
+        _check_shipped(cfg, command)
     if cfg.data.source == "jsonl" and not cfg.data.path:
         raise LotaqafError("data=jsonl needs data.path=FILE")
     if command == "export" and cfg.export.format is None:
         raise LotaqafError(f"export needs --format (export.format): {' | '.join(EXPORT_FORMATS)}")
+
+
+def _check_shipped(cfg: DictConfig, command: str) -> None:
+    """Sections the chain will read from shipped data: the model must be one lotaqaf ships data for,
+    and the request within what the file holds."""
+    from .data import shipped
+
+    stages = ["quantize"] if command == "quantize" else list(cfg.stages)
+    used = {"calib": "quantize" in stages or "train" in stages, "heldout": "ppl" in stages or "merge" in stages,
+            "train": "train" in stages}
+    for role, section in (("calib", cfg.calib), ("heldout", cfg.ppl), ("train", cfg.data)):
+        if used[role] and section.source == "shipped":
+            shipped.check_section(cfg.model.path, role, section)
 
 
 def check_paths(cfg: DictConfig, command: str) -> None:

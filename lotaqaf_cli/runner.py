@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import __version__, ui
 from .config import writable_dir
-from .data import selfgen, sft, textfile
+from .data import selfgen, sft, shipped, textfile
 from .errors import LotaqafError
 from .interrupts import Interrupted
 from .io.adapter import adapter_spec, load_adapter, save_adapter
@@ -107,6 +107,12 @@ class Session:
                                                         section.seq_len, section.seed, progress=advance)
                 path = self.cache.save_text(key, windows)
                 ui.say(f"{role} text: sampled {section.n_samples * section.seq_len} tokens, cached at {path}")
+        elif section.source == "shipped":
+            src = self.load_source()
+            windows = shipped.windows(self.cfg.model.path, role, src.source_hash, section.n_samples, section.seq_len,
+                                      section.seed)
+            ui.say(f"{role} text: {section.n_samples} x {section.seq_len} tokens shipped with lotaqaf "
+                   f"({shipped.path_for(self.cfg.model.path, role).name})")
         else:
             tok = self.load_source().tokenizer
             if tok is None:
@@ -119,10 +125,10 @@ class Session:
         return self.windows[role]
 
     def records(self) -> list[dict] | None:
-        """The training records of a file or hub source (None for self-distilled data, which needs
-        the model): read once, before the model loads, so that bad data is refused before any work."""
+        """The training records of a file or hub source (None for self-distilled or shipped data,
+        which need the model or its hash): read once, before the model loads, so that bad data is refused before any work."""
         d = self.cfg.data
-        if d.source == "self_distill":
+        if d.source in ("self_distill", "shipped"):
             return None
         if self._records is None:
             self._records = sft.load_records(d.source, d.path, d.n_samples, d.seed)
@@ -144,6 +150,9 @@ class Session:
                                                        progress=adv)
                 path = self.cache.save_sft(key, records)
                 ui.say(f"training data: {len(records)} self-distilled examples cached at {path}")
+        elif d.source == "shipped":
+            records = shipped.records(self.cfg.model.path, src.source_hash, d.n_samples, d.seed)
+            ui.say(f"training data: {len(records)} self-distilled examples shipped with lotaqaf")
         else:
             records = self.records()
         return sft.tokenize_records(src.tokenizer, records, d.source_len, d.target_len)
@@ -210,7 +219,8 @@ def step_train(s: Session) -> None:
     step_quantize(s)
     examples = s.examples()
     tok = s.tokenizer
-    extra = {"omega": a.omega, "offset_granularity": a.offset_granularity} if a.kind == "lota" else \
+    extra = {"omega": a.omega, "offset_granularity": a.offset_granularity, "markers": a.markers} \
+        if a.kind == "lota" else \
         {"alpha": a.alpha, "dropout": a.dropout}
     spec = adapter_spec(a.kind, cfg.model.target_modules, rank=a.rank, **extra)
     s.run.ensure()

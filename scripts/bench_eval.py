@@ -40,6 +40,26 @@ def pick_subjects(spec: str) -> list[str]:
     return [s.strip() for s in spec.split(",") if s.strip()]
 
 
+def token_work(tokenizer, subjects: list[str], limit: int, num_fewshot: int) -> dict:
+    """Tokens each engine must run through the model (tokenization only): lm-eval one full context
+    per question (its four one-token continuations share it), the fast scorer each subject's shared
+    prefix once plus every question's own tokens. Their ratio bounds the speedup of prefix caching."""
+    from lotaqaf_cli.eval.mcq import _common_prefix_len, encode_pair
+
+    splits = mmlu.offline_splits()
+    full = own = 0
+    for s in subjects:
+        prefix = mmlu.fewshot_prefix(s, splits[s].fewshot, num_fewshot)
+        rows = []
+        for q in splits[s].test[:limit]:
+            ctx, cont = encode_pair(tokenizer, prefix + mmlu.format_question(q), mmlu.continuations()[0])
+            rows.append(ctx + cont[:-1])
+        full += sum(len(r) for r in rows)
+        plen = _common_prefix_len(rows)
+        own += plen + sum(len(r) - plen for r in rows)
+    return {"lm_eval_tokens": full, "fast_tokens": own, "ratio": round(full / own, 2)}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded:smollm2")
@@ -63,6 +83,7 @@ def main(argv=None) -> dict:
     slow, fast = runs["lm-eval"], runs["fast"]
     n = slow["average"]["n"]
     agree = sum(a == b for s in subjects for a, b in zip(slow["predictions"][s], fast["predictions"][s], strict=True))
+    work = token_work(src.tokenizer, subjects, args.limit, args.num_fewshot)
     report = {
         "model": args.model, "subjects": subjects, "limit": args.limit, "num_fewshot": args.num_fewshot,
         "batch_size": args.batch_size, "threads": args.threads, "questions": n,
@@ -70,7 +91,7 @@ def main(argv=None) -> dict:
         "task_config_hash": slow["task_config_hash"],
         "lm_eval": {"seconds": slow["seconds"], "questions_per_s": slow["questions_per_s"], "acc": slow["average"]["acc"]},
         "fast": {"seconds": fast["seconds"], "questions_per_s": fast["questions_per_s"], "acc": fast["average"]["acc"]},
-        "speedup": round(slow["seconds"] / fast["seconds"], 2),
+        "speedup": round(slow["seconds"] / fast["seconds"], 2), "token_work": work,
         "agreement": agree / n if n else None,
         "disagreements": n - agree,
     }
@@ -81,6 +102,8 @@ def main(argv=None) -> dict:
         print(f"  {name:8s} {r['seconds']:8.1f} s  {r['questions_per_s']:7.3f} questions/s  acc {100 * r['average']['acc']:.2f}%")
     print(f"  speedup fast/lm-eval: {report['speedup']}x; predictions agree on {agree}/{n} "
           f"({100 * report['agreement']:.1f}%)")
+    print(f"  tokens through the model: lm-eval {work['lm_eval_tokens']}, fast {work['fast_tokens']} "
+          f"(ratio {work['ratio']}x: the bound of prefix caching, before lm-eval's all-position log-softmax)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -32,14 +32,20 @@ from lotaqaf_cli.config import compose, validate
 from lotaqaf_cli.core.perplexity import perplexity
 from lotaqaf_cli.data import mmlu
 from lotaqaf_cli.eval.mmlu import evaluate_mmlu
+from lotaqaf_cli.io.checkpoint import QUANT_CONFIG
 from lotaqaf_cli.io.files import write_json_atomic, write_text_atomic
 from lotaqaf_cli.io.rundir import RunDir
 from lotaqaf_cli.runner import Session, step_merge, step_quantize, step_train
 
 RECIPE = "smollm2_mmlu"
 GROUP_SIZE = {4: 64, 3: 64, 2: 32}        # INT2 uses g32 (issue 3's setting); the paper uses g64 throughout
-METHODS = ("lora", "qalora", "lota")      # trained on the same base and data
-LABELS = {"base": "base", "gptq": "GPTQ", "lora": "GPTQ+LoRA", "qalora": "QA-LoRA", "lota": "LoTA-QAF"}
+METHODS = ("lora", "qalora", "lota", "lota_int")      # trained on the same base and data
+LABELS = {"base": "base", "gptq": "GPTQ", "lora": "GPTQ+LoRA", "qalora": "QA-LoRA", "lota": "LoTA-QAF",
+          "lota_int": "LoTA-QAF integer-only"}
+# lota_int: LoTA-QAF without the offset factor, so its merge is a plain integer-zero GPTQ checkpoint
+# that any GPTQ engine serves exactly; the row shows what that compatibility costs.
+ADAPTER = {"lora": ["adapter=lora"], "qalora": ["adapter=qalora"], "lota": ["adapter=lota"],
+           "lota_int": ["adapter=lota", "adapter.offset_granularity=none"]}
 BIT_LABELS = {"lora": "{b}+16"}
 # --quick: two subjects (humanities, STEM), small data; sized to finish in a few minutes on 2 cores.
 QUICK_SUBJECTS = ("philosophy", "elementary_mathematics")
@@ -72,7 +78,7 @@ def settings_from(args) -> dict:
 
 
 def run_config(bits: int, method: str, s: dict, root: Path, stamp: str):
-    ov = [f"recipe={RECIPE}", f"quant.bits={bits}", f"quant.group_size={GROUP_SIZE[bits]}", f"adapter={method}",
+    ov = [f"recipe={RECIPE}", f"quant.bits={bits}", f"quant.group_size={GROUP_SIZE[bits]}", *ADAPTER[method],
           f"optim.steps={s['steps']}", f"optim.save_every={s['steps']}", f"seed={s['seed']}",
           f"run.root={root}", f"run.dir={root}/reproduce/{stamp}/int{bits}_{method}", *s["overrides"]]
     cfg = compose(ov)
@@ -127,7 +133,7 @@ def reproduce(args, source=None) -> dict:
             step_train(ses)
             adapter_scores = score(ses.adapted, source.tokenizer, windows, s)
             extra = {"train_seconds": ses.timings["train_s"], "run": str(ses.run.path)}
-            if method != "lota":
+            if not method.startswith("lota"):
                 rows.append(row(method, bits, adapter_scores, extra))
             else:
                 step_merge(ses)
@@ -135,9 +141,10 @@ def reproduce(args, source=None) -> dict:
                 merged_model, _, _ = ses.run.load_merged()  # the written checkpoint, as a user loads it
                 merged_scores = score(merged_model, source.tokenizer, windows, s)
                 changed = ses.run.read_record("train")["codes_changed"]["codes"]
-                check = merged_equals_adapter(bits, adapter_scores, merged_scores, cert)
+                check = {"method": method, **merged_equals_adapter(bits, adapter_scores, merged_scores, cert)}
                 checks.append(check)
-                extra.update(codes_up=changed["up_frac"], codes_down=changed["down_frac"],
+                fmt = json.loads((ses.run.merged_dir / QUANT_CONFIG).read_text())["checkpoint_format"]
+                extra.update(checkpoint_format=fmt, codes_up=changed["up_frac"], codes_down=changed["down_frac"],
                              codes_changed=changed["up_frac"] + changed["down_frac"],
                              certificate_max_abs_logit_diff=cert["max_abs_logit_diff"],
                              adapter_avg=adapter_scores["mmlu"]["average"]["acc"], adapter_ppl=adapter_scores["ppl"])
@@ -199,7 +206,10 @@ def markdown(res: dict) -> str:
         ", ".join(f"INT{b} g{g}" for b, g in s["group_size"].items()) +
         (f"; extra overrides: {' '.join(s['overrides'])}" if s["overrides"] else "") + ".",
         "- LoTA-QAF is the merged model (integer codes + fractional zero points, no adapter). Its adapter model "
-        "was scored too: identical on every question and in perplexity (checked by the script).", "",
+        "was scored too: identical on every question and in perplexity (checked by the script).",
+        "- LoTA-QAF integer-only: the same method without the offset factor (adapter.offset_granularity=none); "
+        "its merge is a plain GPTQ checkpoint (integer zero points, checkpoint_format gptq) that any GPTQ engine "
+        "serves exactly. The gap to the LoTA-QAF row is what that compatibility costs.", "",
         "| Bit | Method | Hums | STEM | Social | Other | Avg | held-out ppl | fraction of codes changed |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -209,7 +219,8 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['bit_label']} | {r['label']} | {cats} | {_pct(r['avg'])} | {r['ppl']:.3f} | {changed} |")
     lines += ["", "Merge checks (LoTA-QAF adapter model vs merged model):", ""]
     for c in res["merge_checks"]:
-        lines.append(f"- INT{c['bits']}: {c['same_predictions']}/{c['questions']} identical predictions, "
+        lines.append(f"- INT{c['bits']} {LABELS[c.get('method', 'lota')]}: {c['same_predictions']}/{c['questions']} "
+                     "identical predictions, "
                      f"perplexity {c['adapter_ppl']:.6f} vs {c['merged_ppl']:.6f}, certificate max |logit diff| "
                      f"{c['certificate_max_abs_logit_diff']:g}")
     timing = [f"{r['label']} INT{r['bits']} {r['train_seconds']:.0f} s" for r in res["rows"] if "train_seconds" in r]
@@ -227,7 +238,7 @@ def chart(res: dict, path: Path) -> None:
 
     rows = res["rows"]
     bits = list(res["settings"]["bits"])
-    methods = ["gptq", "lora", "qalora", "lota"]
+    methods = ["gptq", *METHODS]
     base = next(r for r in rows if r["method"] == "base")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     width = 0.8 / len(methods)

@@ -84,11 +84,15 @@ def mu_rows(mu: torch.Tensor | None, g_idx: torch.Tensor, granularity: str):
 
 
 def effective_weight(base: QuantLinear, A_T: torch.Tensor, B_T: torch.Tensor, omega: float,
-                     granularity: str = "group", dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """W_eff = s[g] * (W_int - z[g] + W_hat + mu[g]), input-major, in ``dtype``."""
+                     granularity: str = "group", dtype: torch.dtype = torch.float64,
+                     use_markers: bool = True) -> torch.Tensor:
+    """W_eff = s[g] * (W_int - z[g] + W_hat + mu[g]), input-major, in ``dtype`` (W_hat = 0 when
+    ``use_markers`` is False: the offset factor alone, mu from R = dW)."""
     codes = base.codes.to(dtype)
     dW = A_T.detach().to(dtype) @ B_T.detach().to(dtype)
     w_hat = markers(dW, omega, base.codes < max_code(base.bits), base.codes > 0).to(dtype)
+    if not use_markers:
+        w_hat = torch.zeros_like(w_hat)
     mu = offset_factor(dW, w_hat, omega, base.g_idx, granularity, num_groups=base.scales.shape[0])
     mu = None if mu is None else mu.to(dtype)
     g = base.g_idx.long()

@@ -61,6 +61,15 @@ CASES = [
      "adapter=lora trains with optim=adamw"),
     ("bad schedule", ["train", "recipe=smoke", "optim.schedule=2.0"], "or a number in (0, 1]"),
     ("negative limit", ["train", "recipe=smoke", "eval.limit=-1"], "eval.limit=-1 is not allowed"),
+    ("markers off and no offset", ["train", "recipe=smoke", "adapter.markers=false",
+                                   "adapter.offset_granularity=none"], "leaves the adapter no effect"),
+    # shipped data (recipe smollm2_mmlu), checked before the model loads
+    ("shipped data, other model", ["train", "recipe=smoke", "calib=shipped"],
+     "calib.source=shipped: lotaqaf ships data only for embedded:smollm2 (model is smoke)"),
+    ("shipped data, too many windows", ["quantize", "recipe=smollm2_mmlu", "calib.n_samples=64"],
+     "calib.source=shipped has 32 windows x 256 tokens; calib.n_samples=64 calib.seq_len=256 asks for more"),
+    ("shipped data, other seed", ["train", "recipe=smollm2_mmlu", "data.seed=8"],
+     "data.source=shipped was sampled with data.seed=7; data.seed=8 needs data=self_distill"),
     # paths, before any work
     ("run root not creatable", ["train", "recipe=smoke", "run.root=/proc/x"], "run.root=/proc/x: cannot create it"),
     ("run root under a file", ["train", "recipe=smoke", "run.root=afile/x"], "afile is not a directory"),

@@ -422,3 +422,25 @@ def test_attach_validation(rank, omega, gran):
     with pytest.raises(ValueError):
         attach_ternary_adapters(model, rank=rank, omega=omega, offset_granularity=gran)
     assert isinstance(model.q_proj, QuantLinear)
+
+
+@pytest.mark.parametrize("gran", ["group", "tensor"])
+def test_markers_disabled_is_the_offset_factor_alone(gran):
+    """adapter.markers=false (the ablation): W_hat = 0 in the forward and in markers_and_offset,
+    mu = pooled dW / omega, against the float64 reference; with markers on the same adapter moves codes."""
+    base = _base(d_in=16, d_out=12, bits=2, gs=4, seed=7)
+    omega = 1.5
+    on = _trained_layer(base, 6, omega, gran, seed=8)
+    off = TernaryLinear(base, 6, omega, gran, markers=False)
+    off.load_state_dict(on.state_dict())
+    assert on.marker_stats()["plus"] + on.marker_stats()["minus"] > 0  # the test can tell the two apart
+    assert off.marker_stats()["plus"] + off.marker_stats()["minus"] == 0
+    x = torch.randn(3, 16, generator=_gen(9), dtype=torch.float64)
+    ref = effective_weight(base, off.A_T, off.B_T, omega, gran, use_markers=False)
+    torch.testing.assert_close(off(x.float()).double(), x @ ref, rtol=1e-5, atol=1e-5)
+    w_hat, mu = off.markers_and_offset()
+    assert not w_hat.any()
+    dW = off.A_T.detach().double() @ off.B_T.detach().double()
+    expect = dW.view(4, 4, 12).mean(dim=1) / omega if gran == "group" else dW.mean().view(1, 1) / omega
+    torch.testing.assert_close(mu.double(), expect, rtol=1e-6, atol=1e-7)
+    assert "markers=False" in repr(off)

@@ -8,6 +8,8 @@ B_T [r, D_out]; dW = A_T @ B_T has integer entries in [-r, r].
 - offset factor  mu = (mean of R = dW - omega * W_hat over the rows of a group) / omega
 - W_eff = s[g] * (W_int - z[g] + W_hat + mu[g]);  y = x @ W_eff (+ bias)
 - gradient: straight-through (d W_hat / d dW = identity), flowing through mu as well.
+- ``markers=False`` (the ablation "offset factor only"): W_hat = 0 in the forward and the merge, so
+  R = dW; the gradient estimator is unchanged.
 
 The granularity of mu (the set each mean runs over) lives in one place, the _OffsetPooling classes;
 the layer picks its instance once. Plain float64 references of these formulas are in tests/reference.py.
@@ -312,12 +314,13 @@ class TernaryLinear(nn.Module):
     """
 
     def __init__(self, base: QuantLinear, rank: int, omega: float, offset_granularity: str = "group",
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, markers: bool = True):
         super().__init__()
         check_hparams(rank, omega, offset_granularity)  # the one check (attach_ternary_adapters relies on it)
         self.base = base
         base.requires_grad_(False)
         self.rank, self.omega = int(rank), float(omega)
+        self.markers = bool(markers)  # False (an ablation): W_hat = 0 always, only the offset factor acts
         self._pooling = _POOLINGS[offset_granularity]
         dtype = base.scales.dtype if base.scales.is_floating_point() else torch.float32
         dev = base.codes.device
@@ -363,7 +366,10 @@ class TernaryLinear(nn.Module):
     def _markers_mu(self, A_T, B_T):
         """Sparse markers (idx, val), mu (fp32 or None) and the blocked count (0-d tensor)."""
         dW = A_T.detach().float() @ B_T.detach().float()  # integers in [-r, r]: exact in fp32
-        idx, val, blocked = marker_entries(dW, self.omega, self.can_up_bits, self.can_down_bits)
+        if self.markers:
+            idx, val, blocked = marker_entries(dW, self.omega, self.can_up_bits, self.can_down_bits)
+        else:  # markers disabled: R = dW, nothing crosses
+            idx, val, blocked = marker_entries(dW, math.inf)
         if self._pooling.residual and idx.numel():  # R = dW - omega * W_hat, in place
             dW.view(-1).index_add_(0, idx, val.to(dW.dtype), alpha=-self.omega)
         return idx, val, self._pooling.mu(dW, self.omega, self._groups), blocked
@@ -421,12 +427,13 @@ class TernaryLinear(nn.Module):
                 "blocked": int(blocked), "boundary_codes": edge, "total": total}
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, omega={self.omega}, offset_granularity={self.offset_granularity!r}"
+        return (f"rank={self.rank}, omega={self.omega}, offset_granularity={self.offset_granularity!r}"
+                + ("" if self.markers else ", markers=False"))
 
 
 def attach_ternary_adapters(model: nn.Module, rank: int, omega: float, offset_granularity: str = "group",
                             target_modules: Iterable[str] = DEFAULT_TARGETS,
-                            generator: torch.Generator | None = None) -> list[str]:
+                            generator: torch.Generator | None = None, markers: bool = True) -> list[str]:
     """Replace every QuantLinear whose name ends with one of ``target_modules`` (whole dotted
     component) by a TernaryLinear. Returns the replaced names (in module order). Other parameters
     of the model are left as they are. Invalid hyper-parameters raise ValueError from the first
@@ -436,5 +443,6 @@ def attach_ternary_adapters(model: nn.Module, rank: int, omega: float, offset_gr
              if isinstance(m, QuantLinear) and any(n == t or n.endswith("." + t) for t in targets)]
     for name in names:
         base = model.get_submodule(name)
-        replace_module(model, name, TernaryLinear(base, rank, omega, offset_granularity, generator=generator))
+        replace_module(model, name, TernaryLinear(base, rank, omega, offset_granularity, generator=generator,
+                                                  markers=markers))
     return names

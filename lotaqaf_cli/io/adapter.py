@@ -26,15 +26,16 @@ from .files import atomic_file
 
 FORMAT = "lotaqaf-adapter-v1"
 KINDS = ("lota", "lora", "qalora")
-SPEC_KEYS = {"lota": ("kind", "rank", "omega", "offset_granularity", "target_modules"),
+SPEC_KEYS = {"lota": ("kind", "rank", "omega", "offset_granularity", "markers", "target_modules"),
              "lora": ("kind", "rank", "alpha", "dropout", "target_modules")}
 SPEC_KEYS["qalora"] = SPEC_KEYS["lora"]
+SPEC_DEFAULTS = {"lota": {"markers": True}}   # also for files written before the key existed
 
 
 def adapter_spec(kind: str, target_modules, **settings) -> dict:
     """What defines an adapter's layers (the header keys of its file): kind, rank, target modules and
-    omega + offset_granularity (lota) or alpha + dropout (lora, qalora)."""
-    spec = {"kind": kind, "target_modules": list(target_modules), **settings}
+    omega + offset_granularity + markers (lota) or alpha + dropout (lora, qalora)."""
+    spec = {"kind": kind, "target_modules": list(target_modules), **SPEC_DEFAULTS.get(kind, {}), **settings}
     return {k: spec[k] for k in SPEC_KEYS[kind]}
 
 
@@ -46,7 +47,7 @@ def attach_adapter(model: nn.Module, spec: dict, seed: int | None = None) -> lis
     if spec["kind"] == "lota":
         g = None if seed is None else torch.Generator().manual_seed(seed)
         names = attach_ternary_adapters(model, spec["rank"], spec["omega"], spec["offset_granularity"], targets,
-                                        generator=g)
+                                        generator=g, markers=spec.get("markers", True))
     else:
         if seed is not None:
             torch.manual_seed(seed)
@@ -118,6 +119,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, base_hash: str) -> d
     check_base(meta, base_hash, path)
     if "offset_factor" in meta and "offset_granularity" not in meta:  # files written before the rename
         meta["offset_granularity"] = meta.pop("offset_factor")
+    for k, v in SPEC_DEFAULTS.get(meta["kind"], {}).items():
+        meta.setdefault(k, v)
     attach_adapter(model, adapter_spec(meta["kind"], meta["target_modules"],
                                        **{k: meta.get(k, 0.0) for k in SPEC_KEYS[meta["kind"]][1:-1]}))
     layers = adapter_layers(model)

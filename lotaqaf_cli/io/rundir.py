@@ -330,8 +330,8 @@ class RunDir:
         return load_quantized(self.merged_dir)
 
     def heldout_windows(self, base_info: dict | None = None, tokenizer=None) -> torch.Tensor | None:
-        """The run's held-out perplexity windows: self-generated ones from the cache, file ones cut
-        again from the file (same seed; needs the tokenizer). None when neither is available."""
+        """The run's held-out perplexity windows: self-generated ones from the cache, shipped ones from
+        the package, file ones cut again from the file (same seed; needs the tokenizer). None when neither is available."""
         cfg = self.config()
         if cfg.ppl.source == "file":
             if tokenizer is None:
@@ -340,8 +340,12 @@ class RunDir:
 
             return file_windows(cfg.ppl.path, tokenizer, cfg.ppl.n_samples, cfg.ppl.seq_len, cfg.ppl.seed)
         src = self.source_hash(base_info)
-        if cfg.ppl.source != "self" or src is None:
+        if src is None or cfg.ppl.source not in ("self", "shipped"):
             return None
+        if cfg.ppl.source == "shipped":
+            from ..data import shipped
+
+            return shipped.windows(cfg.model.path, "heldout", src, cfg.ppl.n_samples, cfg.ppl.seq_len, cfg.ppl.seed)
         return Cache(cfg.run.root).load_text(Cache.text_key(src, "heldout", cfg.ppl))
 
 

@@ -72,3 +72,18 @@ def test_a_modified_file_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(shipped, "DIR", tmp_path)
     with pytest.raises(LotaqafError, match="does not match its sha256"):
         shipped.read(MODEL, "calib")
+
+
+@pytest.mark.slow
+def test_same_data_same_numbers(smollm2_loaded):
+    """The 16-bit held-out perplexity on the shipped windows is the one docs/results reports (made on
+    another run of this machine): the data no longer depends on where it was sampled."""
+    from pathlib import Path
+
+    from lotaqaf_cli.core.perplexity import perplexity
+
+    reported = json.loads((Path(__file__).resolve().parents[1] / "docs/results/ablation.json").read_text())["fp16_ppl"]
+    w = shipped.windows(MODEL, "heldout", smollm2_loaded.source_hash, 16, 256, seed=4321)
+    got, n_tok = perplexity(smollm2_loaded.model.eval(), w)
+    assert n_tok == 16 * 255
+    assert got == pytest.approx(reported, rel=1e-4)

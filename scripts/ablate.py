@@ -69,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--root", default="runs", help="runs root (its _cache is shared with `lotaqaf train`)")
     p.add_argument("--out", default="docs/results/ablation", help="output path without extension")
     p.add_argument("--render", metavar="JSON", help="only rewrite <out>.md and .png from a results JSON")
+    p.add_argument("--note", help="a sentence to print under the command line of the report")
     p.add_argument("--collect", metavar="DIR", help="first score the finished runs of an earlier sweep "
                    "(<root>/ablate/<stamp>), then run the variants it lacks")
     return p.parse_args(argv)
@@ -140,7 +141,8 @@ class Sweep:
 
     def result(self, partial: bool = False) -> dict:
         cfg = self.cfg
-        return {"command": command_line(self.args), "partial": partial, "rows": self.rows, "fp16_ppl": self.fp16,
+        return {"command": command_line(self.args), "note": self.args.note, "partial": partial, "rows": self.rows,
+                "fp16_ppl": self.fp16,
                 "gptq_ppl": self.gptq,
                 "settings": {"recipe": RECIPE, "steps": sorted({r["steps"] for r in self.rows}), "seed": cfg.seed,
                              "heldout": list(self.windows.shape), "heldout_hash": self.heldout_hash,
@@ -216,6 +218,7 @@ def markdown(res: dict) -> str:
         "# What does the work in LoTA-QAF: ablations on SmolLM2-135M-Instruct", "",
         f"Produced by `{res['command']}` on {res['date']} ({res['machine']}; {res['seconds'] / 60:.1f} min in all)."
         + (" **Partial: the sweep was still running.**" if res.get("partial") else ""), "",
+        *([res["note"], ""] if res.get("note") else []),
         f"- Recipe `{s['recipe']}` at INT3 g64 and INT2 g32, {'/'.join(map(str, s['steps']))} t-SignSGD steps, "
         f"seed {s['seed']}, "
         f"training data {s['data']}, one quantized base per width.",
@@ -276,6 +279,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.render:
         res = json.loads(Path(args.render).read_text())
+        if args.note:
+            res["note"] = args.note
     else:
         res = ablate(args)
     write_outputs(res, args.out)

@@ -252,7 +252,12 @@ def chart(res: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(bits), figsize=(5.5 * len(bits), 4), squeeze=False)
     for ax, b in zip(axes[0], bits, strict=True):
         rows = [r for r in res["rows"] if r["bits"] == b]
-        ax.barh([r["variant"] for r in rows], [r["recovery"] for r in rows], color="tab:blue")
+        vals = [max(r["recovery"], -1.0) for r in rows]  # the axis stops at -1; the value is written
+        ax.barh([r["variant"] for r in rows], vals, color="tab:blue")
+        for y, r in enumerate(rows):
+            if r["recovery"] < -1.0:
+                ax.text(-0.98, y, f"{r['recovery']:.2f} (ppl {r['ppl']:.0f})", va="center", color="white", fontsize=8)
+        ax.set_xlim(-1.05, 1.05)
         ax.axvline(0, color="k", lw=1)
         ax.axvline(1, color="k", ls="--", lw=1, label="16-bit")
         ax.set_xlabel("recovery in log-perplexity (0: GPTQ, 1: 16-bit)")

@@ -126,7 +126,8 @@ class Session:
 
     def records(self) -> list[dict] | None:
         """The training records of a file or hub source (None for self-distilled or shipped data,
-        which need the model or its hash): read once, before the model loads, so that bad data is refused before any work."""
+        which need the model or its hash): read once, before the model loads, so that bad data is
+        refused before any work."""
         d = self.cfg.data
         if d.source in ("self_distill", "shipped"):
             return None

@@ -331,7 +331,8 @@ class RunDir:
 
     def heldout_windows(self, base_info: dict | None = None, tokenizer=None) -> torch.Tensor | None:
         """The run's held-out perplexity windows: self-generated ones from the cache, shipped ones from
-        the package, file ones cut again from the file (same seed; needs the tokenizer). None when neither is available."""
+        the package, file ones cut again from the file (same seed; needs the tokenizer). None when none
+        is available."""
         cfg = self.config()
         if cfg.ppl.source == "file":
             if tokenizer is None:

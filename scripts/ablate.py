@@ -42,7 +42,7 @@ from lotaqaf_cli import ui
 from lotaqaf_cli.config import compose, validate
 from lotaqaf_cli.core.perplexity import perplexity
 from lotaqaf_cli.core.ternary import TernaryLinear
-from lotaqaf_cli.io.files import write_json_atomic, write_text_atomic
+from lotaqaf_cli.io.files import atomic_file, write_json_atomic, write_text_atomic
 from lotaqaf_cli.io.models import load_model
 from lotaqaf_cli.io.rundir import RunDir
 from lotaqaf_cli.runner import Session, step_quantize, step_train
@@ -265,10 +265,9 @@ def chart(res: dict, path: Path) -> None:
         ax.invert_yaxis()
     fig.suptitle("SmolLM2-135M-Instruct: LoTA-QAF ablations")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_outputs(res: dict, out: str | Path) -> None:

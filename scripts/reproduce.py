@@ -32,8 +32,7 @@ from lotaqaf_cli.config import compose, validate
 from lotaqaf_cli.core.perplexity import perplexity
 from lotaqaf_cli.data import mmlu
 from lotaqaf_cli.eval.mmlu import evaluate_mmlu
-from lotaqaf_cli.io.checkpoint import QUANT_CONFIG
-from lotaqaf_cli.io.files import write_json_atomic, write_text_atomic
+from lotaqaf_cli.io.files import atomic_file, write_json_atomic, write_text_atomic
 from lotaqaf_cli.io.rundir import RunDir
 from lotaqaf_cli.runner import Session, step_merge, step_quantize, step_train
 
@@ -138,13 +137,12 @@ def reproduce(args, source=None) -> dict:
             else:
                 step_merge(ses)
                 cert = ses.run.read_record("merge_certificate")
-                merged_model, _, _ = ses.run.load_merged()  # the written checkpoint, as a user loads it
+                merged_model, _, merged_info = ses.run.load_merged()  # the written checkpoint, as a user loads it
                 merged_scores = score(merged_model, source.tokenizer, windows, s)
                 changed = ses.run.read_record("train")["codes_changed"]["codes"]
                 check = {"method": method, **merged_equals_adapter(bits, adapter_scores, merged_scores, cert)}
                 checks.append(check)
-                fmt = json.loads((ses.run.merged_dir / QUANT_CONFIG).read_text())["checkpoint_format"]
-                extra.update(checkpoint_format=fmt, codes_up=changed["up_frac"], codes_down=changed["down_frac"],
+                extra.update(checkpoint_format=merged_info["quantize_config"]["checkpoint_format"], codes_up=changed["up_frac"], codes_down=changed["down_frac"],
                              codes_changed=changed["up_frac"] + changed["down_frac"],
                              certificate_max_abs_logit_diff=cert["max_abs_logit_diff"],
                              adapter_avg=adapter_scores["mmlu"]["average"]["acc"], adapter_ppl=adapter_scores["ppl"])
@@ -257,10 +255,9 @@ def chart(res: dict, path: Path) -> None:
     ax1.legend(fontsize=8)
     fig.suptitle(f"SmolLM2-135M-Instruct, {rows[0]['n_questions']} MMLU questions")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_outputs(res: dict, out: str | Path) -> dict:

@@ -14,6 +14,8 @@ File layout (JSON): {"header": {...}, "windows": [[ids]...]} for calib/heldout,
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -48,21 +50,29 @@ def dumps(header: dict, key: str, payload) -> str:
     return f'{{"header": {json.dumps(header, indent=1, sort_keys=True)},\n"{key}": [\n{rows}\n]}}\n'
 
 
-def read(model_path: str, role: str, source_hash: str | None = None) -> tuple[dict, list]:
-    """(header, payload) of a shipped file, checked: format, payload hash, and (when given) the
-    content hash of the model that will use it."""
-    path = path_for(model_path, role)
+@functools.lru_cache(maxsize=8)
+def _load(path: Path, key: str) -> tuple[dict, list]:
+    """(header, payload) of one file, its format and payload hash checked: parsed and hashed once per
+    process (the config check and the stages read the same files). Callers must not modify them."""
     try:
         obj = json.loads(path.read_text())
     except FileNotFoundError:
         raise LotaqafError(f"shipped data file {path} is missing (reinstall lotaqaf)") from None
     except json.JSONDecodeError as e:
         raise LotaqafError(f"shipped data file {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
-    header, payload = obj["header"], obj["windows" if role != "train" else "records"]
+    header, payload = obj["header"], obj[key]
     if header.get("format") != FORMAT:
         raise LotaqafError(f"{path}: format {header.get('format')!r}, expected {FORMAT}")
     if payload_sha256(payload) != header["payload_sha256"]:
         raise LotaqafError(f"{path}: payload does not match its sha256 (the file was modified)")
+    return header, payload
+
+
+def read(model_path: str, role: str, source_hash: str | None = None) -> tuple[dict, list]:
+    """(header, payload) of a shipped file, checked: format, payload hash, and (when given) the
+    content hash of the model that will use it."""
+    path = path_for(model_path, role)
+    header, payload = _load(path, "windows" if role != "train" else "records")
     if source_hash is not None and header["model_hash"] != source_hash:
         raise LotaqafError(f"{path} was generated from a model with hash {header['model_hash'][:19]}..., "
                            f"not {source_hash[:19]}... (the loaded {model_path}); use "
@@ -102,4 +112,4 @@ def records(model_path: str, source_hash: str, n_samples: int, seed: int) -> lis
     """The first ``n_samples`` shipped self-distilled training records (chat messages)."""
     header, recs = read(model_path, "train", source_hash)
     check(header, "train", n_samples, seed)
-    return recs[:n_samples]
+    return copy.deepcopy(recs[:n_samples])  # the parsed file is shared (see _load)

@@ -13,7 +13,7 @@ import torch
 
 from lotaqaf_cli.core.qlinear import QuantLinear
 from lotaqaf_cli.core.quant import max_code
-from lotaqaf_cli.core.ternary import GRANULARITIES, unpack_bits
+from lotaqaf_cli.core.ternary import GRANULARITIES
 
 
 def _check(granularity: str) -> None:
@@ -22,10 +22,8 @@ def _check(granularity: str) -> None:
 
 
 def _dense_mask(mask: torch.Tensor | None, shape) -> torch.Tensor | None:
-    """A boundary mask as bool [D_in, D_out]: given as bool like dW or as packed uint8 words."""
-    if mask is None:
-        return None
-    return unpack_bits(mask, shape) if mask.dtype == torch.uint8 else mask.reshape(shape).bool()
+    """A boundary mask as bool [D_in, D_out]."""
+    return None if mask is None else mask.reshape(shape).bool()
 
 
 def markers(dW: torch.Tensor, omega: float, can_up: torch.Tensor | None = None,
@@ -33,7 +31,7 @@ def markers(dW: torch.Tensor, omega: float, can_up: torch.Tensor | None = None,
     """W_hat = sign(dW) * [|dW| > omega] as int8 [D_in, D_out], with the boundary check: a +1 is
     suppressed where ``can_up`` is False (W_int == 2^N-1), a -1 where ``can_down`` is False (W_int == 0).
 
-    The masks are bool tensors shaped like dW or packed uint8 words (core.ternary.boundary_masks);
+    The masks are bool tensors shaped like dW;
     None: no check on that side. With ``return_blocked`` also returns the number of suppressed markers.
     """
     d = dW.double()

@@ -15,13 +15,10 @@ from lotaqaf_cli.core.qlinear import QuantLinear
 from lotaqaf_cli.core.ternary import (
     TernaryLinear,
     attach_ternary_adapters,
-    boundary_masks,
-    lookup_bits,
     marker_entries,
-    pack_bits,
     ternary_init_A,
-    unpack_bits,
 )
+from lotaqaf_cli.core.quant import pack_rows_padded
 
 GRANS = ["group", "channel", "tensor", "none"]
 
@@ -159,17 +156,6 @@ def test_zero_B_is_noop():
 # Markers and the boundary check
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n", [1, 7, 8, 9, 61])
-def test_pack_bits_roundtrip(n):
-    mask = torch.rand(n, generator=_gen(n)) < 0.5
-    packed = pack_bits(mask)
-    assert packed.dtype == torch.uint8 and packed.numel() == (n + 7) // 8
-    assert torch.equal(unpack_bits(packed, (n,)), mask)
-    assert torch.equal(lookup_bits(packed, torch.arange(n)), mask)
-    manual = sum(int(mask[k]) << k for k in range(min(n, 8)))
-    assert int(packed[0]) == manual  # LSB first
-
-
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_markers_respect_boundary(bits):
     gen = _gen(bits)
@@ -183,20 +169,17 @@ def test_markers_respect_boundary(bits):
     dW[4:6] = 5.0  # pushes code maxq above it
     expect, expect_blocked = ref_markers(dW, omega, codes, bits)
     assert expect_blocked >= 2 * 2 * d_out
-    up_p, down_p = boundary_masks(codes, bits)
-    up_b, down_b = codes < maxq, codes > 0
-    assert torch.equal(unpack_bits(up_p, codes.shape), up_b)
-    for cu, cd in ((up_p, down_p), (up_b, down_b)):
-        w_hat, blocked = markers(dW, omega, cu, cd, return_blocked=True)
-        assert w_hat.dtype == torch.int8
-        assert torch.equal(w_hat.double(), expect)
-        assert blocked == expect_blocked
-        moved = codes.int() + w_hat.int()
-        assert int(moved.min()) >= 0 and int(moved.max()) <= maxq
-        idx, val, n_blocked = marker_entries(dW, omega, cu, cd)  # the layer's sparse markers
-        dense = torch.zeros(codes.shape, dtype=torch.float64)
-        dense.view(-1)[idx] = val.double()
-        assert val.dtype == torch.int8 and torch.equal(dense, expect) and int(n_blocked) == expect_blocked
+    w_hat, blocked = markers(dW, omega, codes < maxq, codes > 0, return_blocked=True)
+    assert w_hat.dtype == torch.int8
+    assert torch.equal(w_hat.double(), expect)
+    assert blocked == expect_blocked
+    moved = codes.int() + w_hat.int()
+    assert int(moved.min()) >= 0 and int(moved.max()) <= maxq
+    # the layer's sparse markers, the boundary read from the packed codes
+    idx, val, n_blocked = marker_entries(dW, omega, pack_rows_padded(codes, bits), bits)
+    dense = torch.zeros(codes.shape, dtype=torch.float64)
+    dense.view(-1)[idx] = val.double()
+    assert val.dtype == torch.int8 and torch.equal(dense, expect) and int(n_blocked) == expect_blocked
     unchecked = markers(dW, omega)
     torch.testing.assert_close(unchecked.double(), torch.sign(dW).double() * (dW.abs() > omega).double())
 
@@ -223,14 +206,20 @@ def test_layer_markers_and_stats(bits):
     assert st["total"] == 16 * 12
 
 
-def test_boundary_refreshed_on_load_state_dict():
+def test_boundary_follows_loaded_codes():
+    """The boundary check reads the base's codes as they are now: after load_state_dict brings other
+    codes, markers are suppressed where the new codes sit at the edge of the grid."""
     layer = TernaryLinear(_base(bits=2, seed=40), rank=4, omega=1.5)
     other = TernaryLinear(_base(bits=2, seed=41), rank=4, omega=1.5)
-    assert "can_up_bits" not in layer.state_dict()
+    with torch.no_grad():
+        other.A_T.copy_(_ternary((16, 4), _gen(5), p_zero=0.0))
+        other.B_T.copy_(_ternary((4, 12), _gen(6), p_zero=0.0))
     layer.load_state_dict(other.state_dict())
-    codes = other.base.codes
-    assert torch.equal(unpack_bits(layer.can_up_bits, codes.shape), codes < 3)
-    assert torch.equal(unpack_bits(layer.can_down_bits, codes.shape), codes > 0)
+    dW = (other.A_T @ other.B_T).detach().double()
+    expect, expect_blocked = ref_markers(dW, 1.5, other.base.codes, 2)
+    assert expect_blocked > 0
+    w_hat, _ = layer.markers_and_offset()
+    assert torch.equal(w_hat.double(), expect)
 
 
 # ----------------------------------------------------------------------------------------------

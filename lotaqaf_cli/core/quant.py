@@ -134,21 +134,86 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return _to_int32(words.reshape(n * bits // 32, m))
 
 
-def unpack_rows(words: torch.Tensor, bits: int, n: int | None = None) -> torch.Tensor:
-    """Inverse of :func:`pack_rows`: int32 words [n * bits / 32, m] -> uint8 codes [n, m]."""
-    nw, m = words.shape
-    n = nw * 32 // bits if n is None else n
-    _packable(n, bits)
+def packed_rows(n: int, bits: int) -> int:
+    """int32 words that hold ``n`` codes along the rows, padded with zero codes to whole periods
+    (a multiple of 32 codes for 3 bits, of 32 / bits otherwise): the in-memory layout of QuantLinear."""
     pc, pw = _period(bits)
-    wd = (words.to(torch.int64) & 0xFFFFFFFF).reshape(n // pc, pw, m)
+    return -(-n // pc) * pw
+
+
+def pack_rows_padded(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`pack_rows` after padding the rows with zero codes to whole periods (any n)."""
+    n, m = codes.shape
+    pc, _pw = _period(bits)
+    pad = (-n) % pc
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad, m)])
+    return pack_rows(codes, bits)
+
+
+def _straddlers(bits: int) -> list[tuple[int, int, int]]:
+    """(code k in the period, word, low-bit count) for the codes that straddle two words (3 bits: 10, 21)."""
+    pc, _pw = _period(bits)
+    return [(k, k * bits // 32, 32 - k * bits % 32) for k in range(pc) if k * bits % 32 + bits > 32]
+
+
+def _unpack_int32(words: torch.Tensor, bits: int, n: int | None) -> torch.Tensor:
+    """Codes as int32 [n, m] from packed words [W, m] (every code the words hold when n is None)."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    nw, m = words.shape
+    pc, pw = _period(bits)
+    if nw % pw:
+        raise ValueError(f"{nw} words are not whole periods of {pw} for {bits} bits")
+    n_all = nw // pw * pc
+    n = n_all if n is None else n
+    if n > n_all:
+        raise ValueError(f"{nw} words of {bits}-bit codes hold {n_all} codes, not {n}")
     mask = (1 << bits) - 1
-    codes = torch.zeros(n // pc, pc, m, dtype=torch.int64)
-    for k in range(pc):
-        for w in range(pw):
-            s = bits * k - 32 * w
-            if -bits < s < 32:
-                codes[:, k] |= (wd[:, w] >> s) if s >= 0 else (wd[:, w] << -s)
-    return (codes & mask).reshape(n, m).to(torch.uint8)
+    k = torch.arange(pc, device=words.device)
+    pos = k * bits
+    shift = (pos % 32).to(torch.int32).view(1, pc, 1)
+    wd = words.contiguous().view(nw // pw, pw, m)
+    # Arithmetic shifts: bits above a code are sign copies, removed by the mask; a code that straddles
+    # two words (3 bits: codes 10 and 21) is put together from both below.
+    c = (wd.unsqueeze(1) if pw == 1 else wd[:, pos // 32]) >> shift
+    c &= mask
+    for kk, w, low in _straddlers(bits):
+        c[:, kk] = ((wd[:, w] >> (32 - low)) & ((1 << low) - 1)) | ((wd[:, w + 1] << low) & mask)
+    return c.reshape(n_all, m)[:n]
+
+
+def unpack_rows(words: torch.Tensor, bits: int, n: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_rows` / :func:`pack_rows_padded`: int32 words [W, m] -> uint8 codes [n, m]
+    (``n`` defaults to every code the words hold)."""
+    return _unpack_int32(words, bits, n).to(torch.uint8)
+
+
+def dequantize_packed(words: torch.Tensor, bits: int, scales: torch.Tensor, zeros: torch.Tensor,
+                      g_idx: torch.Tensor, markers: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """:func:`dequantize` of the codes held in packed words (input-major [D_in, D_out], the scales'
+    dtype), optionally with sparse markers (flat indices, +-1 values) added to the integer codes first:
+    W = s[g] * ((W_int + W_hat) - z[g]). Integer-valued floats add exactly, so a layer whose codes
+    already hold W_hat gives the same bits."""
+    codes = _unpack_int32(words, bits, g_idx.numel()).to(scales.dtype)
+    if markers is not None and markers[0].numel():
+        codes.view(-1).index_add_(0, markers[0], markers[1].to(codes.dtype))
+    return dequantize(codes, scales, zeros, g_idx, consume=True)
+
+
+def codes_at(words: torch.Tensor, bits: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The codes at (rows[k], cols[k]) of packed words, without unpacking the rest (int64)."""
+    pc, pw = _period(bits)
+    rows, cols = rows.long(), cols.long()
+    pos = (rows % pc) * bits
+    base = (rows // pc) * pw
+    w, s = base + pos // 32, pos % 32
+    lo = (words[w, cols].to(torch.int64) & 0xFFFFFFFF) >> s
+    straddle = s + bits > 32
+    if bool(straddle.any()):
+        hi = (words[(w + 1).clamp(max=words.shape[0] - 1), cols].to(torch.int64) & 0xFFFFFFFF) << (32 - s)
+        lo = torch.where(straddle, lo | hi, lo)
+    return lo & ((1 << bits) - 1)
 
 
 def pack_cols(codes: torch.Tensor, bits: int) -> torch.Tensor:

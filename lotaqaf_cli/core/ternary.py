@@ -26,8 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .qlinear import QuantLinear, linear_in_major, replace_module
-from .quant import dequantize, max_code
+import lotaqaf_kernels as kernels
+
+from .qlinear import QuantLinear, quant_matmul, replace_module
+from .quant import codes_at, dequantize_packed, max_code
 
 GRANULARITIES = ("group", "channel", "tensor", "none")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -61,55 +63,16 @@ def ternary_init_B(r: int, d_out: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Packed boundary masks (1 bit per weight, LSB first along the flattened [D_in, D_out] matrix)
+# Markers (sparse, with the boundary check against the packed codes) and the group layout
 # ----------------------------------------------------------------------------------------------
 
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Bool tensor -> uint8 words [ceil(numel / 8)], element k at bit k % 8 of word k // 8."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    shifts = torch.arange(8, dtype=torch.uint8, device=flat.device)
-    return (flat.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: bool tensor of ``shape``."""
-    shape = tuple(shape)
-    n = math.prod(shape)
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    bits = (packed.view(-1, 1) >> shifts) & 1
-    return bits.reshape(-1)[:n].view(shape).bool()
-
-
-def lookup_bits(packed: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
-    """Bits of ``packed`` at flat element indices (bool, shape of ``flat_index``)."""
-    word = packed[flat_index >> 3].to(torch.int64)
-    return ((word >> (flat_index & 7)) & 1).bool()
-
-
-def boundary_masks(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed (can_up, can_down): a +1 marker is allowed where code < 2^N-1, a -1 where code > 0."""
-    return pack_bits(codes < max_code(bits)), pack_bits(codes > 0)
-
-
-# ----------------------------------------------------------------------------------------------
-# Markers (sparse, with the boundary check) and the group layout
-# ----------------------------------------------------------------------------------------------
-
-def _mask_at(mask: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
-    """A boundary mask (bool like dW, or packed uint8 words) at flat element indices."""
-    return lookup_bits(mask, flat_index) if mask.dtype == torch.uint8 else mask.reshape(-1)[flat_index]
-
-
-def marker_entries(dW: torch.Tensor, omega: float, can_up: torch.Tensor | None = None,
-                   can_down: torch.Tensor | None = None):
+def marker_entries(dW: torch.Tensor, omega: float, qweight: torch.Tensor | None = None, bits: int | None = None):
     """Sparse markers: (flat indices int64, values int8 +-1) of the non-zero W_hat entries after the
     boundary check, and the number of markers the boundary suppressed (0-d tensor).
 
-    Only the elements whose |dW| crossed omega look up their boundary bit, so the packed masks are
-    never unpacked. (On CUDA the ``nonzero`` is a host sync.)
+    The boundary check reads the codes from the packed words ``qweight`` (``bits`` wide) at the
+    elements whose |dW| crossed omega only: a +1 is suppressed where W_int == 2^N-1, a -1 where
+    W_int == 0; no check without ``qweight``. (On CUDA the ``nonzero`` is a host sync.)
     """
     flat = dW.reshape(-1)
     lo, hi = torch.aminmax(flat) if flat.numel() else (flat.new_zeros(()), flat.new_zeros(()))
@@ -119,10 +82,10 @@ def marker_entries(dW: torch.Tensor, omega: float, can_up: torch.Tensor | None =
     idx = (flat.abs() > omega).nonzero().squeeze(1)
     up = flat[idx] > 0
     ok = torch.ones_like(up)
-    if can_up is not None:
-        ok = torch.where(up, _mask_at(can_up, idx), ok)
-    if can_down is not None:
-        ok = torch.where(up, ok, _mask_at(can_down, idx))
+    if qweight is not None:
+        d_out = dW.shape[1]
+        code = codes_at(qweight, bits, idx // d_out, idx % d_out)
+        ok = torch.where(up, code < max_code(bits), code > 0)
     blocked = (~ok).sum()
     return idx[ok], up[ok].to(torch.int8) * 2 - 1, blocked
 
@@ -130,16 +93,6 @@ def marker_entries(dW: torch.Tensor, omega: float, can_up: torch.Tensor | None =
 def _check_granularity(granularity: str) -> None:
     if granularity not in GRANULARITIES:
         raise ValueError(f"offset granularity must be one of {GRANULARITIES}, got {granularity!r}")
-
-
-def contiguous_group_size(g_idx: torch.Tensor, n_groups: int) -> int | None:
-    """gs when g_idx == arange(D_in) // gs with D_in == n_groups * gs (no act-order), else None."""
-    d_in = g_idx.numel()
-    if n_groups <= 0 or d_in % n_groups:
-        return None
-    gs = d_in // n_groups
-    ref = torch.arange(d_in, device=g_idx.device) // gs
-    return gs if torch.equal(g_idx.long(), ref) else None
 
 
 def _group_counts(g_idx: torch.Tensor, n_groups: int) -> torch.Tensor:
@@ -200,6 +153,10 @@ class _OffsetPooling:
         """mu (fp32) from R (fp32 [D_in, D_out], may be overwritten); None: no offset factor."""
         raise NotImplementedError
 
+    def mu_from_group_sums(self, r_sums: torch.Tensor, omega: float, groups: _GroupLayout) -> torch.Tensor | None:
+        """mu from the per-group sums of R ([G, D_out], as the Triton ternary step returns them)."""
+        raise NotImplementedError
+
     def add_grad_(self, h: torch.Tensor, omega: float, groups: _GroupLayout) -> None:
         """In place, h = s[g] * G += (sum of h over the mean's set) / (omega * set size): mu's share of
         dL/d dW under the straight-through estimator."""
@@ -210,6 +167,9 @@ class _NoPooling(_OffsetPooling):
     name, residual = "none", False
 
     def mu(self, R, omega, groups):
+        return None
+
+    def mu_from_group_sums(self, r_sums, omega, groups):
         return None
 
     def add_grad_(self, h, omega, groups):
@@ -224,6 +184,9 @@ class _GroupPooling(_OffsetPooling):
         mu /= groups.counts.to(mu.dtype)[:, None] * omega
         return mu
 
+    def mu_from_group_sums(self, r_sums, omega, groups):
+        return r_sums / (groups.counts.to(r_sums.dtype)[:, None] * omega)
+
     def add_grad_(self, h, omega, groups):
         groups.add_mean_grad_(h, omega)
 
@@ -234,6 +197,9 @@ class _ChannelPooling(_OffsetPooling):
     def mu(self, R, omega, groups):
         return R.mean(dim=0, keepdim=True) / omega
 
+    def mu_from_group_sums(self, r_sums, omega, groups):
+        return r_sums.sum(dim=0, keepdim=True) / (groups.g_idx.numel() * omega)
+
     def add_grad_(self, h, omega, groups):
         h += h.sum(dim=0, keepdim=True) / (omega * h.shape[0])
 
@@ -243,6 +209,9 @@ class _TensorPooling(_OffsetPooling):
 
     def mu(self, R, omega, groups):
         return R.mean().view(1, 1) / omega
+
+    def mu_from_group_sums(self, r_sums, omega, groups):
+        return r_sums.sum().view(1, 1) / (groups.g_idx.numel() * r_sums.shape[1] * omega)
 
     def add_grad_(self, h, omega, groups):
         h += h.sum() / (omega * h.numel())
@@ -272,9 +241,10 @@ def check_hparams(rank: int, omega: float, granularity: str = "group") -> None:
 
 
 class _TernaryLinearFn(torch.autograd.Function):
-    """y = x @ W_eff + bias. Saves x, A_T, B_T and the sparse markers and mu of the forward (small:
-    the non-zero markers and a [G, D_out] tensor); the dense W_eff is rebuilt from them in backward
-    when grad_x is needed, never kept alive in between."""
+    """y = x @ W_eff + bias through the one quantized multiply (qlinear.quant_matmul) that the merged
+    layer uses too. Saves x, A_T, B_T and the sparse markers and mu of the forward (small: the non-zero
+    markers and a [G, D_out] tensor); the dense W_eff is rebuilt from them in backward when grad_x is
+    needed, never kept alive in between."""
 
     @staticmethod
     def forward(ctx, x, A_T, B_T, layer):
@@ -282,7 +252,7 @@ class _TernaryLinearFn(torch.autograd.Function):
         layer._record_marker_counts(val, blocked)
         ctx.layer, ctx.mu = layer, mu
         ctx.save_for_backward(x, A_T, B_T, idx, val)
-        return linear_in_major(x, layer._weight(idx, val, mu).to(x.dtype), layer.base.bias)
+        return quant_matmul(x, layer.base, merged_zeros(layer.base.zeros, mu), (idx, val), layer._cache_for_call())
 
     @staticmethod
     def backward(ctx, dy):
@@ -306,11 +276,10 @@ class _TernaryLinearFn(torch.autograd.Function):
 
 
 class TernaryLinear(nn.Module):
-    """A QuantLinear ``base`` (frozen) plus ternary adapters A_T [D_in, r], B_T [r, D_out].
+    """A QuantLinear ``base`` (frozen, packed codes) plus ternary adapters A_T [D_in, r], B_T [r, D_out].
 
-    The boundary masks are computed once from the codes and kept packed (1 bit per weight, two
-    non-persistent buffers); :meth:`refresh_boundary` recomputes them (done automatically by
-    load_state_dict; call it by hand if the base codes are changed in place).
+    The boundary check reads the packed codes where a marker fires (no mask is kept); the group layout
+    is derived from the base's g_idx once (:meth:`refresh_groups`, also after load_state_dict).
     """
 
     def __init__(self, base: QuantLinear, rank: int, omega: float, offset_granularity: str = "group",
@@ -323,17 +292,29 @@ class TernaryLinear(nn.Module):
         self.markers = bool(markers)  # False (an ablation): W_hat = 0 always, only the offset factor acts
         self._pooling = _POOLINGS[offset_granularity]
         dtype = base.scales.dtype if base.scales.is_floating_point() else torch.float32
-        dev = base.codes.device
-        d_in, d_out = base.codes.shape
+        dev = base.qweight.device
+        d_in, d_out = base.in_features, base.out_features
         self.A_T = nn.Parameter(ternary_init_A(d_in, self.rank, generator).to(dev, dtype))
         self.B_T = nn.Parameter(ternary_init_B(self.rank, d_out).to(dev, dtype))
-        self.register_buffer("can_up_bits", torch.empty(0, dtype=torch.uint8, device=dev), persistent=False)
-        self.register_buffer("can_down_bits", torch.empty(0, dtype=torch.uint8, device=dev), persistent=False)
         self.register_buffer("group_counts", torch.empty(0, dtype=torch.int64, device=dev), persistent=False)
         self.last_marker_counts: dict | None = None
-        self.refresh_boundary()
-        # Loading new codes (e.g. a checkpoint) into the base refreshes the derived masks.
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_boundary())
+        self._cache: dict = {}
+        self.refresh_groups()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_groups())
+
+    def refresh_groups(self) -> None:
+        """Recompute the group layout from the base's g_idx."""
+        self._n_groups = self.base.scales.shape[0]
+        self._gs = kernels.contiguous_group_size(self.base.g_idx, self._n_groups)
+        self.group_counts = _group_counts(self.base.g_idx, self._n_groups).clamp(min=1)
+
+    def _cache_for_call(self) -> dict:
+        """A kernel's prepared W_eff, valid while neither the adapters nor the base change."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.A_T, self.B_T, self.base.qweight, self.base.scales,
+                                                         self.base.zeros))
+        if self._cache.get("key") != key:
+            self._cache = {"key": key}
+        return self._cache
 
     @property
     def offset_granularity(self) -> str:
@@ -348,13 +329,6 @@ class TernaryLinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
-    def refresh_boundary(self) -> None:
-        """Recompute the packed boundary masks and the group layout from the base codes."""
-        self.can_up_bits, self.can_down_bits = boundary_masks(self.base.codes, self.base.bits)
-        self._n_groups = self.base.scales.shape[0]
-        self._gs = contiguous_group_size(self.base.g_idx, self._n_groups)
-        self.group_counts = _group_counts(self.base.g_idx, self._n_groups).clamp(min=1)
-
     @property
     def _groups(self) -> _GroupLayout:
         """The group layout, on the buffers' current device (rebuilt per call: no tensors to go stale
@@ -364,10 +338,19 @@ class TernaryLinear(nn.Module):
     # -- math shared by forward, backward and the logging helpers ------------------------------
 
     def _markers_mu(self, A_T, B_T):
-        """Sparse markers (idx, val), mu (fp32 or None) and the blocked count (0-d tensor)."""
+        """Sparse markers (idx, val), mu (fp32 or None) and the blocked count (0-d tensor).
+
+        On the Triton path (kernels=triton, or auto on CUDA) one kernel forms dW tile by tile, applies
+        the boundary check against the packed codes and sums R per group in integers (exact, so the
+        result does not depend on the order of the sums); dW is never materialised."""
+        base = self.base
+        if kernels.pick(A_T, base.bits, base.g_idx, self._n_groups) == "triton":
+            idx, val, r_sums, blocked = kernels.ternary_step(A_T.detach(), B_T.detach(), base.qweight, base.bits,
+                                                             base.g_idx, self._n_groups, self.omega, self.markers)
+            return idx, val, self._pooling.mu_from_group_sums(r_sums, self.omega, self._groups), blocked
         dW = A_T.detach().float() @ B_T.detach().float()  # integers in [-r, r]: exact in fp32
         if self.markers:
-            idx, val, blocked = marker_entries(dW, self.omega, self.can_up_bits, self.can_down_bits)
+            idx, val, blocked = marker_entries(dW, self.omega, base.qweight, base.bits)
         else:  # markers disabled: R = dW, nothing crosses
             idx, val, blocked = marker_entries(dW, math.inf)
         if self._pooling.residual and idx.numel():  # R = dW - omega * W_hat, in place
@@ -384,10 +367,8 @@ class TernaryLinear(nn.Module):
         (integer codes W_int + W_hat, then quant.dequantize with zero points z - mu), so merging
         changes no output bit."""
         base = self.base
-        codes = base.codes.to(torch.float32)
-        if idx.numel():
-            codes.view(-1).index_add_(0, idx, val.to(torch.float32))  # integers: exact
-        return dequantize(codes, base.scales.float(), merged_zeros(base.zeros, mu), base.g_idx, consume=True)
+        return dequantize_packed(base.qweight, base.bits, base.scales.float(), merged_zeros(base.zeros, mu),
+                                 base.g_idx, (idx, val))
 
     def _record_marker_counts(self, val, blocked) -> None:
         """Counts of the markers of the latest forward (0-d tensors: no host sync in the forward)."""
@@ -410,7 +391,7 @@ class TernaryLinear(nn.Module):
     def markers_and_offset(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Current (W_hat int8 [D_in, D_out], mu fp32 or None) for the merge."""
         idx, val, mu, _ = self._markers_mu(self.A_T, self.B_T)
-        w_hat = torch.zeros(self.base.codes.shape, dtype=torch.int8, device=idx.device)
+        w_hat = torch.zeros(self.in_features, self.out_features, dtype=torch.int8, device=idx.device)
         w_hat.view(-1)[idx] = val
         return w_hat, mu
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import __version__
 from ..core.qlinear import QuantLinear, quantized_modules, replace_module
-from ..core.quant import pack_rows, pack_ternary, pack_zeros_v1, unpack_rows, unpack_ternary, unpack_zeros_v1
+from ..core.quant import pack_rows, pack_ternary, pack_zeros_v1, unpack_ternary, unpack_zeros_v1
 from ..errors import LotaqafError
 from .files import atomic_dir, file_sha256, read_safetensors, verify_manifest, write_manifest
 
@@ -62,7 +62,7 @@ def gptq_tensors(name: str, m: QuantLinear, merged=None) -> dict[str, torch.Tens
     """
     int_zeros = m.zeros.round() if merged is None else merged.int_zeros
     out = {
-        f"{name}.qweight": pack_rows(m.codes, m.bits),
+        f"{name}.qweight": m.qweight.detach().clone() if m.gptq_packable else pack_rows(m.codes, m.bits),
         f"{name}.qzeros": pack_zeros_v1(int_zeros, m.bits),
         f"{name}.scales": m.scales.half(),
         f"{name}.g_idx": m.g_idx.to(torch.int32),
@@ -99,7 +99,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, sett
     skip = set()
     for name, m in qmods.items():
         tensors.update(gptq_tensors(name, m, (merged or {}).get(name)))
-        skip.update(f"{name}.{b}" for b in ("codes", "scales", "zeros", "g_idx", "bias"))
+        skip.update(f"{name}.{b}" for b in ("qweight", "scales", "zeros", "g_idx", "bias"))
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for k, v in model.state_dict().items():
         if k in skip or (tied and k == "lm_head.weight"):
@@ -175,15 +175,14 @@ def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float
         d_in, d_out = qweight.shape[0] * 32 // bits, qweight.shape[1]
         if g_idx is None:
             g_idx = torch.arange(d_in, dtype=torch.int32) // (d_in if group_size <= 0 else group_size)
-        codes = unpack_rows(qweight, bits, d_in)
         int_zeros = unpack_zeros_v1(qzeros, bits, d_out).float()
         zeros = int_zeros if zero_points is None else zero_points.float()
         if markers is not None:  # a merged LoTA-QAF layer: what unmerge needs
             merged[name] = {"markers": unpack_ternary(markers, (d_in, d_out)), "int_zeros": int_zeros}
-        replace_module(model, name, QuantLinear.from_quantized(codes, scales, zeros, g_idx, bits, group_size,
-                                                            None if bias is None else bias.float()))
+        replace_module(model, name, QuantLinear.from_packed(qweight, d_in, scales, zeros, g_idx, bits, group_size,
+                                                         None if bias is None else bias.float()))
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
-    quant_buffers = {f"{n}.{b}" for n in names for b in ("codes", "scales", "zeros", "g_idx", "bias")}
+    quant_buffers = {f"{n}.{b}" for n in names for b in ("qweight", "scales", "zeros", "g_idx", "bias")}
     missing = [k for k in missing if k not in quant_buffers
                and not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:

@@ -9,7 +9,7 @@ ARGS    ?=
 export HF_HUB_DISABLE_TELEMETRY=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup run test test-fast bench lint clean
+.PHONY: setup run test test-fast bench lint clean gpu-wheels gpu-check-dry
 
 setup: $(STAMP)
 
@@ -37,8 +37,16 @@ bench: setup
 	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_infer.py
 
+# The wheels scripts/gpu_check.sh installs on a GPU machine without network (into .whl/, git-ignored).
+gpu-wheels: setup
+	PYTHON=$(BIN)/python bash scripts/gpu_check.sh --download-wheels
+
+# The GPU check's steps on this machine (CPU, a tiny model): what tests/test_gpu_check.py runs.
+gpu-check-dry: setup
+	PYTHON=$(BIN)/python bash scripts/gpu_check.sh --dry-run gpu_out
+
 lint: setup
-	$(BIN)/ruff check lotaqaf_cli tests scripts
+	$(BIN)/ruff check lotaqaf_cli kernels tests scripts
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

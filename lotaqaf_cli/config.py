@@ -10,6 +10,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import lotaqaf_kernels as kernels
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .core.quant import SUPPORTED_BITS
@@ -183,6 +184,7 @@ def schema() -> dict[str, Rule]:
             "seed": Int(0)}
     return {
         "name": STR, "description": STR, "seed": Int(0), "device": Choice("auto", "cpu", "cuda"), "resume": BOOL,
+        "kernels": Choice(*kernels.MODES),
         "stages": Rule("list", item=Choice(*STAGES), nonempty=True),
         "run.root": STR, "run.dir": PATH,
         "model.path": STR, "model.dtype": Choice(*DTYPES),
@@ -279,6 +281,14 @@ def _validate_joint(cfg: DictConfig, command: str) -> None:
         _check_shipped(cfg, command)
     if cfg.data.source == "jsonl" and not cfg.data.path:
         raise LotaqafError("data=jsonl needs data.path=FILE")
+    if cfg.kernels == "triton" and not kernels.triton_available():
+        raise LotaqafError("kernels=triton needs the triton package (pip install triton); kernels=auto runs without it")
+    if cfg.kernels == "triton" and not kernels.interpreting():
+        import torch
+
+        if cfg.device == "cpu" or not torch.cuda.is_available():
+            raise LotaqafError("kernels=triton needs a CUDA device (on CPU the Triton kernels run only under "
+                               "TRITON_INTERPRET=1, for tests): use kernels=auto or kernels=torch here")
     if command == "export" and cfg.export.format is None:
         raise LotaqafError(f"export needs --format (export.format): {' | '.join(EXPORT_FORMATS)}")
 

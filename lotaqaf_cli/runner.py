@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lotaqaf_kernels as kernels
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -324,6 +325,7 @@ def run_command(command: str, cfg: DictConfig) -> None:
     if torch.get_num_threads() > (os.cpu_count() or 1):
         torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(cfg.seed)
+    kernels.set_mode(cfg.kernels)
     {"train": cmd_chain, "quantize": cmd_chain, "merge": cmd_merge, "eval": cmd_eval,
      "export": cmd_export}[command](cfg, command)
 

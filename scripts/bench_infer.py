@@ -3,11 +3,15 @@ quantized base, in one process.
 
     .venv/bin/python scripts/bench_infer.py                      # SmolLM2-135M, RTN INT4 g64 base
     .venv/bin/python scripts/bench_infer.py --new-tokens 32      # quicker
+    .venv/bin/python scripts/bench_infer.py --bits 2             # another width
 
 (a) plain GPTQ, (b) GPTQ + unmerged LoRA (r 16, all 7 projections), (c) merged LoTA-QAF (r 64,
-omega 48, fractional zero points). Reports greedy generation throughput (tokens/s) at batch 1 and
-batch 8 with a fixed number of new tokens, and prefill time of a batch of prompts, with the ratios
-c/b and c/a. The adapters hold random (non-zero) values: speed does not depend on what was learned.
+omega 48, fractional zero points), all with kernels=auto, and (d) the merged model with kernels=torch
+(dequantize every weight, then matmul: what every layer did before the kernels). Reports greedy
+generation throughput (tokens/s) at batch 1 and batch 8 with a fixed number of new tokens, and
+prefill time of a batch of prompts, with the ratios c/b, c/a and c/d, then one token through the
+quantized layers alone. The adapters hold random (non-zero) values: speed does not depend on what
+was learned. Every measurement is interleaved over the models (medians over repetitions).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import copy
 import statistics
 import time
 
+import lotaqaf_kernels as kernels
 import torch
 
 from lotaqaf_cli.core.lora import attach_lora
@@ -29,11 +34,34 @@ from lotaqaf_cli.io.models import load_model
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+class KernelMode(torch.nn.Module):
+    """A model run with a fixed kernel mode (lotaqaf_kernels.set_mode around each call)."""
+
+    def __init__(self, model, mode):
+        super().__init__()
+        self.model, self.mode = model, mode
+
+    def forward(self, *a, **k):
+        return self._with(lambda: self.model(*a, **k))
+
+    def generate(self, *a, **k):
+        return self._with(lambda: self.model.generate(*a, **k))
+
+    def _with(self, fn):
+        before = kernels.mode()
+        kernels.set_mode(self.mode)
+        try:
+            return fn()
+        finally:
+            kernels.set_mode(before)
+
+
 def build(args):
     src = load_model("embedded:smollm2")
     g = torch.Generator().manual_seed(0)
     base = src.model
-    quantize_model(base, [torch.randint(100, 40000, (2, 32), generator=g)], bits=4, group_size=64, method="rtn")
+    quantize_model(base, [torch.randint(100, 40000, (2, 32), generator=g)], bits=args.bits, group_size=64,
+                   method="rtn")
     lora = copy.deepcopy(base)
     attach_lora(lora, "lora", 16, 32, 0.0, TARGETS)
     lota = copy.deepcopy(base)
@@ -46,7 +74,8 @@ def build(args):
             if isinstance(m, TernaryLinear):
                 m.B_T.copy_(torch.randint(-1, 2, m.B_T.shape, generator=g).float())
         merge_model(lota)
-    return {"a: GPTQ": base.eval(), "b: GPTQ+LoRA": lora.eval(), "c: merged LoTA": lota.eval()}, src.tokenizer
+    return {"a: GPTQ": base.eval(), "b: GPTQ+LoRA": lora.eval(), "c: merged LoTA": lota.eval(),
+            "d: merged, torch": KernelMode(lota.eval(), "torch")}, src.tokenizer
 
 
 @torch.no_grad()
@@ -86,19 +115,23 @@ def measure(models, prompts, prefill_ids, new_tokens, reps):
 def layer_pass_s(models, reps: int) -> dict[str, float]:
     """Median seconds to run one token through every quantized layer of each model (interleaved):
     the decode-time work of the layers alone, without generate()'s overhead and noise."""
-    layers = {name: [m for m in model.modules() if isinstance(m, QuantLinear)] for name, model in models.items()}
+    layers = {name: ([m for m in model.modules() if isinstance(m, QuantLinear)], getattr(model, "mode", None))
+              for name, model in models.items()}
     xs = {}
     g = torch.Generator().manual_seed(2)
-    for ls in layers.values():
+    for ls, _mode in layers.values():
         for m in ls:
             xs.setdefault(m.in_features, torch.randn(1, m.in_features, generator=g))
     times = {name: [] for name in models}
     for _ in range(reps):
-        for name, ls in layers.items():
+        for name, (ls, mode) in layers.items():
+            before = kernels.mode()
+            kernels.set_mode(mode or before)
             t0 = time.perf_counter()
             for m in ls:
                 m(xs[m.in_features])
             times[name].append(time.perf_counter() - t0)
+            kernels.set_mode(before)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -107,6 +140,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--bits", type=int, default=4, choices=(2, 3, 4))
     args = ap.parse_args()
     torch.set_num_threads(2)
     models, _tok = build(args)
@@ -116,18 +150,20 @@ def main():
         gen_s(m, prompts[1], 4)
     prefill_ids = torch.randint(100, 40000, (8, 512), generator=g)
     res = measure(models, prompts, prefill_ids, args.new_tokens, args.reps)
-    print(f"SmolLM2-135M RTN INT4 g64, CPU {torch.get_num_threads()} threads, greedy, {args.new_tokens} new tokens, "
+    print(f"SmolLM2-135M RTN INT{args.bits} g64, CPU {torch.get_num_threads()} threads, greedy, {args.new_tokens} new tokens, "
           f"prompt {args.prompt_len}, median of {args.reps} interleaved repetitions")
     for name, r in res.items():
         print(f"  {name:15s} " + "  ".join(f"{k} {v:8.2f}" for k, v in r.items()))
-    a, b, c = (res[k] for k in models)
+    a, b, c, d = (res[k] for k in models)
     lp = layer_pass_s(models, 4 * args.reps)
-    la, lb, lc = (lp[k] for k in models)
+    la, lb, lc, ld = (lp[k] for k in models)
     print(f"  one token through all quantized layers (median of {4 * args.reps} interleaved): "
-          f"a {la * 1e3:.1f} ms, b {lb * 1e3:.1f} ms (base layers only), c {lc * 1e3:.1f} ms; c/a speed {la / lc:.3f}")
+          f"a {la * 1e3:.1f} ms, b {lb * 1e3:.1f} ms (base layers only), c {lc * 1e3:.1f} ms, d {ld * 1e3:.1f} ms; "
+          f"c/a speed {la / lc:.3f}, c/d speed {ld / lc:.2f}")
     for key in a:
         better = (lambda x, y: x / y) if key.startswith("tok") else (lambda x, y: y / x)  # >1: c is faster
-        print(f"  {key:18s} speed ratio c/b {better(c[key], b[key]):.2f}   c/a {better(c[key], a[key]):.2f}")
+        print(f"  {key:18s} speed ratio c/b {better(c[key], b[key]):.2f}   c/a {better(c[key], a[key]):.2f}   "
+              f"c/d {better(c[key], d[key]):.2f}")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ in one process.
     .venv/bin/python scripts/bench_train.py --layers 6      # only the first 6 decoder layers (quicker)
     .venv/bin/python scripts/bench_train.py --breakdown     # also: where the time of a step goes
 
-For each method: attach adapters to a copy of the same quantized base, run warm-up steps, then
-time forward + backward + optimizer step (median), and measure peak memory during the timed steps
-(CPU: peak RSS above the RSS before the steps, via /proc/self/status VmHWM reset through
-/proc/self/clear_refs; CUDA: torch.cuda.max_memory_allocated). Prints the ratios lota/lora.
+For each method: attach adapters to a copy of the same quantized base; then the methods take their
+steps interleaved (step k of each before step k + 1 of any, the order rotating), each timed as
+forward + backward + optimizer step, with its peak memory above the memory before it (CPU: VmHWM reset
+through /proc/self/clear_refs; CUDA: torch.cuda.max_memory_allocated). Prints the medians, the
+lota/lora ratio of every interleaved step and of the medians.
 
 --breakdown times each part of the adapter layers' work in isolation, on the model's own layer
 shapes and token count, summed over all adapted layers: seconds per step for lota and lora.
@@ -23,6 +24,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import lotaqaf_kernels as kernels
 import torch
 from benchutil import median_time  # scripts/ is on sys.path when a script runs
 
@@ -58,20 +60,21 @@ def peak_mb(rss_before_kb: int) -> float:
     return (_status_kb("VmHWM") - rss_before_kb) / 1024
 
 
-def bench(base, method: str, batch: dict, steps: int, warmup: int) -> dict:
+def make_step(base, method: str, total_steps: int):
+    """(one optimizer step of ``method`` on its own copy of ``base``, the trainable parameter count)."""
     model = copy.deepcopy(base)
     model.requires_grad_(False)
     if method == "lota":
         attach_ternary_adapters(model, 64, 48, "group", TARGETS, generator=torch.Generator().manual_seed(0))
         params = [p for n, p in model.named_parameters() if n.endswith(("A_T", "B_T"))]
-        opt = TSignSGD(params, total_steps=steps + warmup)
+        opt = TSignSGD(params, total_steps=total_steps)
     else:
         attach_lora(model, method, 16, 32, 0.0, TARGETS)
         params = [p for n, p in model.named_parameters() if "lora_" in n]
         opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
 
-    def step():
+    def step(batch):
         loss = model(**batch).loss
         loss.backward()
         if method != "lota":
@@ -79,20 +82,30 @@ def bench(base, method: str, batch: dict, steps: int, warmup: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    rss0 = _status_kb("VmRSS")
-    reset_peak()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    out = {"median_s": statistics.median(times), "peak_mb": peak_mb(rss0),
-           "trainable": sum(p.numel() for p in params)}
-    return out
+    return step, sum(p.numel() for p in params)
+
+
+def bench(base, methods, batch: dict, steps: int, warmup: int) -> dict:
+    """Interleaved: step k of every method runs before step k + 1 of any (the order rotates), so a
+    job that starts mid-run slows all methods alike. Per step: wall time, and peak memory above the
+    memory before that step (CPU: VmHWM reset through /proc/self/clear_refs; CUDA: max allocated)."""
+    runs = {m: make_step(base, m, steps + warmup) for m in methods}
+    times = {m: [] for m in methods}
+    peaks = {m: 0.0 for m in methods}
+    for k in range(warmup + steps):
+        order = methods[k % len(methods):] + methods[:k % len(methods)]
+        for m in order:
+            rss0 = _status_kb("VmRSS")
+            reset_peak()
+            t0 = time.perf_counter()
+            runs[m][0](batch)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if k >= warmup:
+                times[m].append(time.perf_counter() - t0)
+                peaks[m] = max(peaks[m], peak_mb(rss0))
+    return {m: {"median_s": statistics.median(times[m]), "peak_mb": peaks[m], "trainable": runs[m][1],
+                "times": times[m]} for m in methods}
 
 
 @torch.no_grad()
@@ -101,8 +114,9 @@ def breakdown(base, tokens: int) -> dict[str, tuple[float, float]]:
 
     lota's layer (core/ternary.py) dequantizes twice (forward, and backward to rebuild W_eff for the
     input gradient), forms A_T @ B_T once per forward, and needs the full weight gradient G = x^T dy
-    for the straight-through estimator; LoRA's frozen base dequantizes once (autograd keeps W) and
-    its gradient only flows through the rank-r bottleneck."""
+    for the straight-through estimator (or, with the rank below half the group size, forms the
+    gradients group by group); LoRA's frozen base dequantizes once (autograd keeps W) and its gradient
+    only flows through the rank-r bottleneck."""
     layers = {}
     for m in base.modules():
         if isinstance(m, QuantLinear):
@@ -129,14 +143,19 @@ def breakdown(base, tokens: int) -> dict[str, tuple[float, float]]:
         add("input gradient dy @ W^T", median_time(lambda: dy @ w.t()), median_time(lambda: dy @ w.t()), n)  # noqa: B023
         add("dequantize W (lota 2x, lora 1x)", 2 * t_dq, t_dq, n)
         add("markers + offset factor (A_T @ B_T)", median_time(lambda: ta._markers_mu(ta.A_T, ta.B_T)), 0.0, n)  # noqa: B023
-        add("weight gradient G = x^T dy", median_time(lambda: x.t() @ dy), 0.0, n)  # noqa: B023
-        G = x.t() @ dy
+        if ta._per_group_grads_pay(tokens):  # what the layer's backward does at this rank and group size
+            add("weight gradient G = x^T dy", 0.0, 0.0, n)
+            add("straight-through grads of A_T, B_T", median_time(
+                lambda: ta._grads_per_group(x, dy, ta.A_T.detach(), ta.B_T.detach())), 0.0, n)  # noqa: B023
+        else:
+            add("weight gradient G = x^T dy", median_time(lambda: x.t() @ dy), 0.0, n)  # noqa: B023
+            G = x.t() @ dy
 
-        def st_grads():
-            gd = ta._grad_dW(G.clone())  # noqa: B023
-            return gd @ ta.B_T.t(), ta.A_T.t() @ gd  # noqa: B023
+            def st_grads():
+                gd = ta._grad_dW(G.clone())  # noqa: B023
+                return gd @ ta.B_T.t(), ta.A_T.t() @ gd  # noqa: B023
 
-        add("straight-through scaling + grads of A_T, B_T", median_time(st_grads), 0.0, n)
+            add("straight-through grads of A_T, B_T", median_time(st_grads), 0.0, n)
 
         def lora_path():
             h = x @ A  # noqa: B023
@@ -171,11 +190,13 @@ def main():
     base.to(dev)
     batch = {k: v.to(dev) for k, v in batch.items()}
     print(f"SmolLM2-135M ({len(base.model.layers)} layers), RTN INT4 g64 base, batch {args.batch} x {args.seq} "
-          f"tokens, {dev}, median of {args.steps} steps after {args.warmup} warm-up")
-    res = {m: bench(base, m, batch, args.steps, args.warmup) for m in ("lora", "qalora", "lota")}
+          f"tokens, {dev}, median of {args.steps} interleaved steps after {args.warmup} warm-up, kernels={kernels.mode()}")
+    res = bench(base, ["lora", "qalora", "lota"], batch, args.steps, args.warmup)
     for m, r in res.items():
         print(f"  {m:7s} step {r['median_s']:.3f} s   peak +{r['peak_mb']:.0f} MB   trainable {r['trainable']:,}")
     lo, lota = res["lora"], res["lota"]
+    ratios = [a / b for a, b in zip(lota["times"], lo["times"], strict=True)]
+    print(f"lota/lora per interleaved step: {' '.join(f'{r:.2f}' for r in ratios)}")
     print(f"lota/lora: time {lota['median_s'] / lo['median_s']:.2f}x, memory "
           f"{lota['peak_mb'] / max(lo['peak_mb'], 1e-9):.2f}x  (paper's implementation: 1.14-1.25x time, "
           f"1.03-1.06x memory)")

@@ -15,12 +15,19 @@ construction.
 
 from __future__ import annotations
 
+import lotaqaf_kernels as kernels
 import torch
 from torch import nn
 
-import lotaqaf_kernels as kernels
-
-from .quant import _period, dequantize_packed, max_code, num_groups, pack_rows_padded, packed_rows, unpack_rows
+from .quant import (
+    _period,
+    dequantize_packed,
+    max_code,
+    num_groups,
+    pack_rows_padded,
+    packed_rows,
+    unpack_rows,
+)
 
 
 def linear_in_major(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

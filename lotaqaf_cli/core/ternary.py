@@ -23,10 +23,9 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import lotaqaf_kernels as kernels
 import torch
 from torch import nn
-
-import lotaqaf_kernels as kernels
 
 from .qlinear import QuantLinear, quant_matmul, replace_module
 from .quant import codes_at, dequantize_packed, max_code
@@ -266,11 +265,13 @@ class _TernaryLinearFn(torch.autograd.Function):
             grad_x = (dy2 @ w.t()).view(x.shape)
         if need_a or need_b:
             x2 = x.reshape(-1, x.shape[-1])
-            g = (x2.t() @ dy2.to(x.dtype)).float()  # G = x^T dy  [D_in, D_out]
-            gd = layer._grad_dW(g)  # in place on g
-            if need_a:
+            if layer._per_group_grads_pay(x2.shape[0]):
+                grad_a, grad_b = layer._grads_per_group(x2, dy2, A_T.float(), B_T.float())
+                grad_a, grad_b = grad_a.to(A_T.dtype), grad_b.to(B_T.dtype)
+            else:
+                g = (x2.t() @ dy2.to(x.dtype)).float()  # G = x^T dy  [D_in, D_out]
+                gd = layer._grad_dW(g)  # in place on g
                 grad_a = (gd @ B_T.float().t()).to(A_T.dtype)
-            if need_b:
                 grad_b = (A_T.float().t() @ gd).to(B_T.dtype)
         return grad_x, grad_a, grad_b, None
 
@@ -381,6 +382,38 @@ class TernaryLinear(nn.Module):
         groups.scale_rows_(g, self.base.scales.float())
         self._pooling.add_grad_(g, self.omega, groups)
         return g
+
+    def _per_group_grads_pay(self, tokens: int) -> bool:
+        """Whether :meth:`_grads_per_group` costs fewer multiply-adds than the dense G = x^T dy path:
+        2 r (G T N + T K) against T K N + 2 K N r (T tokens, K inputs, N outputs, G groups), i.e.
+        roughly when the rank is below half the group size. Group (or no) pooling, contiguous groups."""
+        if self._gs is None or self._pooling.name not in ("group", "none"):
+            return False
+        K, N, G, r = self.in_features, self.out_features, self._n_groups, self.rank
+        return 2 * r * (G * tokens * N + tokens * K) < tokens * K * N + 2 * K * N * r
+
+    def _grads_per_group(self, x, dy, A, B):
+        """dL/dA_T and dL/dB_T without the dense G = x^T dy [K, N], group by group (contiguous groups of
+        gs rows, s constant over a group's rows):
+
+            dL/d dW[i, j] = s[g, j] * G[i, j] + c[g, j],   c = s * S / (omega * gs),  S[g] = sum of G over group g
+            dL/dA_T[i]  = x[:, i]^T (dy * s[g]) B_T^T + c[g] B_T^T                      (i in group g)
+            dL/dB_T     = sum_g ((x_g A_g)^T dy) * s[g] + (sum_{i in g} A[i])^T c
+        with S = (x summed over each group's columns)^T dy. Cost 2 r (G T N + T K) multiply-adds."""
+        T, K = x.shape
+        G, gs = self._n_groups, self._gs
+        s = self.base.scales.float()  # [G, N]
+        xg = x.float().view(T, G, gs).transpose(0, 1)  # [G, T, gs]
+        dyf = dy.float()
+        dys_B = torch.matmul(dyf.unsqueeze(0) * s[:, None, :], B.t())  # [G, T, r]: (dy * s[g]) B^T
+        grad_a = torch.matmul(xg.transpose(1, 2), dys_B).reshape(K, -1)  # [G, gs, r] -> [K, r]
+        xA = torch.matmul(xg, A.view(G, gs, -1))  # [G, T, r]
+        grad_b = (torch.matmul(xA.transpose(1, 2), dyf) * s[:, None, :]).sum(dim=0)  # [r, N]
+        if self._pooling.name == "group":
+            c = s * (xg.sum(dim=2) @ dyf) / (self.omega * gs)  # [G, N]
+            grad_a += (c @ B.t()).repeat_interleave(gs, dim=0)
+            grad_b += A.view(G, gs, -1).sum(dim=1).t() @ c
+        return grad_a, grad_b
 
     # -- public ----------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 
+import lotaqaf_kernels as kernels
 import torch
 
 from .. import __version__
@@ -23,9 +24,13 @@ from ..core.perplexity import perplexity
 from ..errors import LotaqafError
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def probe_logits(model: torch.nn.Module) -> torch.Tensor:
-    return model(probe_batch(model.config.vocab_size)).logits.float()
+    return model(probe_batch(model.config.vocab_size).to(model_device(model))).logits.float()
 
 
 @torch.no_grad()
@@ -38,7 +43,8 @@ def merge(adapted: torch.nn.Module, kind: str, windows: torch.Tensor | None = No
         merge_lora_model(merged)
     diff = (probe_logits(merged) - ref).abs().max().item()
     cert = {"kind": kind, "lotaqaf_version": __version__,
-            "probe": {"seed": PROBE_SEED, "shape": list(PROBE_SHAPE), "dtype": "float32", "device": "cpu"},
+            "probe": {"seed": PROBE_SEED, "shape": list(PROBE_SHAPE), "dtype": "float32",
+                      "device": model_device(adapted).type, "kernels": kernels.mode()},
             "max_abs_logit_diff": diff, "exact": diff == 0.0}
     if layers:
         per = {n: ml.stats for n, ml in layers.items()}
@@ -58,7 +64,9 @@ def merge(adapted: torch.nn.Module, kind: str, windows: torch.Tensor | None = No
 
 @torch.no_grad()
 def check_reloaded(reloaded: torch.nn.Module, adapted: torch.nn.Module, kind: str, cert: dict) -> None:
-    """Add the written checkpoint's difference to the certificate (refused unless 0.0 for LoTA-QAF)."""
+    """Add the written checkpoint's difference to the certificate (refused unless 0.0 for LoTA-QAF); the
+    reloaded model runs on the adapter model's device, so both use the same kernels."""
+    reloaded.to(model_device(adapted))
     disk_diff = (probe_logits(reloaded) - probe_logits(adapted)).abs().max().item()
     cert["max_abs_logit_diff_from_disk"] = disk_diff
     if kind == "lota" and disk_diff != 0.0:

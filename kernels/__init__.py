@@ -15,6 +15,7 @@ the torch path otherwise. Triton is optional: without it "auto" never picks it.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -37,6 +38,7 @@ def mode() -> str:
     return _mode
 
 
+@functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -59,7 +61,9 @@ def contiguous_group_size(g_idx: torch.Tensor, n_groups: int) -> int | None:
     return gs if torch.equal(g_idx.long(), torch.arange(d_in, device=g_idx.device) // gs) else None
 
 
-def pick(x: torch.Tensor, bits: int, g_idx: torch.Tensor, n_groups: int) -> str:
+def pick(x: torch.Tensor, bits: int, group_size: int | None) -> str:
+    """The kernel for x [M, D_in] times a ``bits``-wide layer whose groups are ``group_size`` contiguous
+    rows (None: act-order or uneven groups)."""
     if _mode == "torch":
         return "torch"
     if _mode == "triton":
@@ -70,7 +74,7 @@ def pick(x: torch.Tensor, bits: int, g_idx: torch.Tensor, n_groups: int) -> str:
     if triton_usable(x.device) and not interpreting():
         return "triton"
     if (x.device.type == "cpu" and x.shape[0] <= DECODE_ROWS and bits <= 4 and x.dtype in (torch.float32, torch.bfloat16)
-            and contiguous_group_size(g_idx, n_groups) in _INT4_GROUPS):
+            and group_size in _INT4_GROUPS):
         return "cpu_int4"
     return "torch"
 
@@ -100,13 +104,13 @@ def ternary_step(A_T, B_T, qweight, bits, g_idx, n_groups, omega, use_markers=Tr
     return _step(A_T, B_T, qweight, bits, g_idx, n_groups, omega, use_markers)
 
 
-def int4_prepare(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor):
+def int4_prepare(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int):
     """aten's CPU int4 layout of W = s[g] * (W_int - z[g]) (codes uint8 [D_in, D_out], at most 4 bits;
-    2- and 3-bit codes are 4-bit codes exactly). aten computes (q - 8) * scale + zero, so zero = s * (8 - z)."""
-    gs = contiguous_group_size(g_idx, scales.shape[0])
+    2- and 3-bit codes are 4-bit codes exactly; contiguous groups of ``group_size`` rows). aten computes
+    (q - 8) * scale + zero, so zero = s * (8 - z)."""
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous().to(torch.int32), 2)
     scale_zero = torch.stack([scales, scales * (8.0 - zeros)], dim=-1).to(torch.bfloat16).contiguous()
-    return packed, scale_zero, gs
+    return packed, scale_zero, group_size
 
 
 def int4_mm(x: torch.Tensor, prepared, bias: torch.Tensor | None) -> torch.Tensor:

@@ -155,13 +155,14 @@ def test_cpu_int4_decode_path(mode):
     for bits in (2, 3, 4):
         q, _codes, w64 = _layer(128, 48, bits, 32, bias=True, seed=bits)
         x = torch.randn(1, 128, generator=torch.Generator().manual_seed(3))
-        assert kernels.pick(x, bits, q.g_idx, q.scales.shape[0]) == "cpu_int4"
+        assert q.contiguous_gs == 32 and kernels.pick(x, bits, q.contiguous_gs) == "cpu_int4"
         ref = x.double() @ w64 + q.bias.double()
         assert ((q(x).double() - ref).norm() / ref.norm()).item() < 1e-2
     q8, _c, _w = _layer(128, 48, 8, 32)
     qa, _c, _w = _layer(128, 48, 4, 32, act_order=True)
-    assert kernels.pick(x, 8, q8.g_idx, 4) == "torch" and kernels.pick(x, 4, qa.g_idx, 4) == "torch"
-    assert kernels.pick(torch.randn(64, 128), 4, q.g_idx, 4) == "torch"
+    assert qa.contiguous_gs is None
+    assert kernels.pick(x, 8, q8.contiguous_gs) == "torch" and kernels.pick(x, 4, qa.contiguous_gs) == "torch"
+    assert kernels.pick(torch.randn(64, 128), 4, q.contiguous_gs) == "torch"
 
     from lotaqaf_cli.core.merge import merge_ternary
 

@@ -317,6 +317,18 @@ def test_forward_backward_match_float64_autograd(gran, act_order, bias):
     torch.testing.assert_close(A64.detach().t() @ d_dw, B64.grad, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("r", [1, 64, 256, 300])
+def test_auxiliary_product_is_exact(r):
+    """dW = A_T @ B_T is formed in bf16 up to r = 256: exact, also where every partial sum is largest."""
+    from lotaqaf_cli.core.ternary import auxiliary_product
+
+    A, B = _ternary((40, r), _gen(r), p_zero=0.3), _ternary((r, 24), _gen(r + 1), p_zero=0.3)
+    A[0], B[:, 0] = 1.0, 1.0  # dW[0, 0] = r
+    dW = auxiliary_product(A, B)
+    assert dW.dtype == torch.float32 and float(dW[0, 0]) == r
+    assert torch.equal(dW.double(), A.double() @ B.double())
+
+
 @pytest.mark.parametrize("gran", ["group", "none"])
 def test_per_group_gradients_match_float64(gran):
     """Rank below half the group size: dL/dA_T and dL/dB_T are formed group by group without the dense

@@ -47,14 +47,14 @@ def quant_matmul(x: torch.Tensor, q: QuantLinear, zeros: torch.Tensor | None = N
     """
     zeros = q.zeros if zeros is None else zeros
     x2 = x.reshape(-1, x.shape[-1])
-    kernel = kernels.pick(x2, q.bits, q.g_idx, q.scales.shape[0])
+    kernel = kernels.pick(x2, q.bits, q.contiguous_gs)
     if kernel == "triton":
         words = None if markers is None else kernels.marker_words(*markers, q.in_features, q.out_features)
         y = kernels.qmm(x2, q.qweight, q.scales, zeros, q.g_idx, q.bits, q.bias, words)
     elif kernel == "cpu_int4":
         def prepare():
             codes = q.codes if markers is None else _with_markers(q.codes, markers)
-            return kernels.int4_prepare(codes, q.scales, zeros, q.g_idx)
+            return kernels.int4_prepare(codes, q.scales, zeros, q.contiguous_gs)
         prepared = prepare() if cache is None else cache.get("int4") or cache.setdefault("int4", prepare())
         y = kernels.int4_mm(x2, prepared, q.bias)
     else:
@@ -97,6 +97,12 @@ class QuantLinear(nn.Module):
         else:
             self.bias = None
         self._cache: dict = {}  # a kernel's prepared weight (not state: rebuilt when the buffers change)
+        self.contiguous_gs: int | None = None  # gs when g_idx is arange(D_in) // gs (no act-order), else None
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._derive())
+
+    def _derive(self) -> None:
+        """What is derived from the buffers once instead of on every call."""
+        self.contiguous_gs = kernels.contiguous_group_size(self.g_idx, self.scales.shape[0])
 
     @classmethod
     def from_quantized(cls, codes, scales, zeros, g_idx, bits, group_size, bias=None) -> QuantLinear:
@@ -119,6 +125,7 @@ class QuantLinear(nn.Module):
         m.g_idx = g_idx.detach().to(torch.int32).clone()
         if bias is not None:
             m.bias = bias.detach().float().clone()
+        m._derive()
         return m
 
     @property

@@ -230,6 +230,15 @@ def merged_zeros(zeros: torch.Tensor, mu: torch.Tensor | None) -> torch.Tensor:
     return zeros.float() if mu is None else zeros.float() - mu
 
 
+def auxiliary_product(A_T: torch.Tensor, B_T: torch.Tensor) -> torch.Tensor:
+    """dW = A_T @ B_T (fp32). Its entries are integers in [-r, r], and every partial sum too, so for
+    r <= 256 the product is exact in bf16 (8 significant bits) whatever the accumulation order or
+    precision: it is formed there (half the memory traffic, twice the speed on CPUs with bf16 units)."""
+    if A_T.shape[1] <= 256:
+        return (A_T.to(torch.bfloat16) @ B_T.to(torch.bfloat16)).float()
+    return A_T.float() @ B_T.float()
+
+
 def check_hparams(rank: int, omega: float, granularity: str = "group") -> None:
     """Raise ValueError unless rank >= 1, 0 < omega < rank and the granularity is known."""
     if int(rank) != rank or rank < 1:
@@ -306,7 +315,7 @@ class TernaryLinear(nn.Module):
     def refresh_groups(self) -> None:
         """Recompute the group layout from the base's g_idx."""
         self._n_groups = self.base.scales.shape[0]
-        self._gs = kernels.contiguous_group_size(self.base.g_idx, self._n_groups)
+        self._gs = self.base.contiguous_gs  # the base's own post-load hook has run already
         self.group_counts = _group_counts(self.base.g_idx, self._n_groups).clamp(min=1)
 
     def _cache_for_call(self) -> dict:
@@ -345,11 +354,11 @@ class TernaryLinear(nn.Module):
         the boundary check against the packed codes and sums R per group in integers (exact, so the
         result does not depend on the order of the sums); dW is never materialised."""
         base = self.base
-        if kernels.pick(A_T, base.bits, base.g_idx, self._n_groups) == "triton":
+        if kernels.pick(A_T, base.bits, base.contiguous_gs) == "triton":
             idx, val, r_sums, blocked = kernels.ternary_step(A_T.detach(), B_T.detach(), base.qweight, base.bits,
                                                              base.g_idx, self._n_groups, self.omega, self.markers)
             return idx, val, self._pooling.mu_from_group_sums(r_sums, self.omega, self._groups), blocked
-        dW = A_T.detach().float() @ B_T.detach().float()  # integers in [-r, r]: exact in fp32
+        dW = auxiliary_product(A_T.detach(), B_T.detach())
         if self.markers:
             idx, val, blocked = marker_entries(dW, self.omega, base.qweight, base.bits)
         else:  # markers disabled: R = dW, nothing crosses

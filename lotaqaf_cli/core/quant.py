@@ -176,11 +176,15 @@ def _unpack_int32(words: torch.Tensor, bits: int, n: int | None) -> torch.Tensor
     wd = words.contiguous().view(nw // pw, pw, m)
     # Arithmetic shifts: bits above a code are sign copies, removed by the mask; a code that straddles
     # two words (3 bits: codes 10 and 21) is put together from both below.
-    c = (wd.unsqueeze(1) if pw == 1 else wd[:, pos // 32]) >> shift
+    c = torch.empty(nw // pw, pc, m, dtype=torch.int32, device=words.device)  # contiguous: viewed without a copy
+    for w in range(pw):  # the codes that start in word w are consecutive: one shift of that word each
+        ks = ((pos // 32) == w).nonzero().squeeze(1)
+        k0, k1 = int(ks[0]), int(ks[-1]) + 1
+        torch.bitwise_right_shift(wd[:, w:w + 1], shift[:, k0:k1], out=c[:, k0:k1])
     c &= mask
     for kk, w, low in _straddlers(bits):
         c[:, kk] = ((wd[:, w] >> (32 - low)) & ((1 << low) - 1)) | ((wd[:, w + 1] << low) & mask)
-    return c.reshape(n_all, m)[:n]
+    return c.view(n_all, m)[:n]
 
 
 def unpack_rows(words: torch.Tensor, bits: int, n: int | None = None) -> torch.Tensor:

@@ -80,8 +80,9 @@ def requantize_lora(layer: LoRALinear) -> QuantLinear:
     (min-max per group, the base's group size). QA-LoRA folds exactly into zero points instead."""
     base = layer.base
     if isinstance(layer, QALoRALinear):
-        return QuantLinear.from_quantized(base.codes, base.scales, base.zeros - layer.zero_point_shift(),
-                                          base.g_idx, base.bits, base.group_size, base.bias)
+        return QuantLinear.from_packed(base.qweight, base.in_features, base.scales,
+                                       base.zeros - layer.zero_point_shift(), base.g_idx, base.bits, base.group_size,
+                                       base.bias)
     w = base.dequantize(torch.float32) + layer.delta_weight().float()
     codes, scales, zeros, g_idx = rtn_quantize(w, base.bits, base.group_size)
     return QuantLinear.from_quantized(codes, scales, zeros, g_idx, base.bits, base.group_size, base.bias)

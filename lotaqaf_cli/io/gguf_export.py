@@ -54,7 +54,7 @@ def rotary_row_order(n_out: int, n_head: int) -> torch.Tensor:
 def q4_1_blocks(q: QuantLinear, row_order: torch.Tensor | None) -> tuple[np.ndarray, float, float]:
     """Q4_1 bytes [D_out, D_in / 32 * 20] of a 4-bit layer, the largest |weight error| and the
     largest error in units of the block's integer step d (at most 15 * 2^-11: fp16 rounding of m)."""
-    d_in, d_out = q.codes.shape
+    d_in, d_out = q.in_features, q.out_features
     gs = q.group_size if q.group_size > 0 else d_in
     if q.bits != 4 or gs % 32 or not torch.equal(q.g_idx.long(), torch.arange(d_in) // gs):
         raise ValueError("Q4_1 needs 4-bit codes in contiguous groups of a multiple of 32 rows")

@@ -47,7 +47,8 @@ def rounded_zero_model(model: nn.Module) -> tuple[nn.Module, int]:
     for name, q in quantized_modules(out).items():
         z = q.zeros.round().clamp(0, (1 << q.bits) - 1)
         n_frac += int((z != q.zeros).sum())
-        replace_module(out, name, QuantLinear.from_quantized(q.codes, q.scales, z, q.g_idx, q.bits, q.group_size, q.bias))
+        replace_module(out, name, QuantLinear.from_packed(q.qweight, q.in_features, q.scales, z, q.g_idx, q.bits,
+                                                         q.group_size, q.bias))
     return out, n_frac
 
 

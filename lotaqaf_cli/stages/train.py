@@ -162,7 +162,7 @@ def adapter_metrics(model, opt) -> dict:
                 if c is None:
                     st = m.marker_stats()
                     c = {"nonzero": st["plus"] + st["minus"], "blocked": st["blocked"]}
-                tot += m.base.codes.numel()
+                tot += m.in_features * m.out_features
                 nz += int(c["nonzero"])
                 blocked += int(c["blocked"])
         out.update(markers_nonzero=nz / tot, blocked=blocked / tot)

@@ -49,7 +49,8 @@ def quant_matmul(x: torch.Tensor, q: QuantLinear, zeros: torch.Tensor | None = N
     x2 = x.reshape(-1, x.shape[-1])
     kernel = kernels.pick(x2, q.bits, q.contiguous_gs)
     if kernel == "triton":
-        words = None if markers is None else kernels.marker_words(*markers, q.in_features, q.out_features)
+        fired = markers is not None and markers[0].numel() > 0  # none fired: the kernel adds nothing (exact either way)
+        words = kernels.marker_words(*markers, q.in_features, q.out_features) if fired else None
         y = kernels.qmm(x2, q.qweight, q.scales, zeros, q.g_idx, q.bits, q.bias, words)
     elif kernel == "cpu_int4":
         def prepare():

@@ -33,8 +33,8 @@ class NaiveTernary(nn.Module):
     def forward(self, x):
         lt, base = self.layer, self.layer.base
         dW = lt.A_T @ lt.B_T
-        # the layer's own sparse markers (boundary check on its packed masks), made dense here
-        idx, val, _ = marker_entries(dW.detach(), lt.omega, lt.can_up_bits, lt.can_down_bits)
+        # the layer's own sparse markers (boundary check on its packed codes), made dense here
+        idx, val, _ = marker_entries(dW.detach(), lt.omega, base.qweight, base.bits)
         w_hat = torch.zeros_like(dW)
         w_hat.view(-1)[idx] = val.to(dW.dtype)
         w_ste = dW + (w_hat - dW).detach()

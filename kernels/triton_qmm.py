@@ -30,7 +30,7 @@ def _qmm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, g_ptr, m_ptr, b_ptr, y_ptr, M, N, K,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    mask: tl.constexpr = (1 << BITS) - 1
+    mask = (1 << BITS) - 1
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)

@@ -35,7 +35,7 @@ def _ternary_kernel(a_ptr, b_ptr, q_ptr, g_ptr, words_ptr, sdw_ptr, swh_ptr, cnt
     dw = tl.dot(a.to(tl.float16), b.to(tl.float16))  # -1/0/1 are exact in fp16; fp32 sums of integers are exact
     dw = tl.where(ok2, dw, 0.0)
     if USE_MARKERS:
-        mask: tl.constexpr = (1 << BITS) - 1
+        mask = (1 << BITS) - 1
         pos = (offs_k % PC) * BITS
         word = (offs_k // PC) * PW + pos // 32
         shift = pos % 32

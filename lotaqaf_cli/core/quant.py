@@ -178,8 +178,7 @@ def _unpack_int32(words: torch.Tensor, bits: int, n: int | None) -> torch.Tensor
     # two words (3 bits: codes 10 and 21) is put together from both below.
     c = torch.empty(nw // pw, pc, m, dtype=torch.int32, device=words.device)  # contiguous: viewed without a copy
     for w in range(pw):  # the codes that start in word w are consecutive: one shift of that word each
-        ks = ((pos // 32) == w).nonzero().squeeze(1)
-        k0, k1 = int(ks[0]), int(ks[-1]) + 1
+        k0, k1 = -(-32 * w // bits), -(-32 * (w + 1) // bits)  # plain ints: no device sync
         torch.bitwise_right_shift(wd[:, w:w + 1], shift[:, k0:k1], out=c[:, k0:k1])
     c &= mask
     for kk, w, low in _straddlers(bits):

@@ -31,9 +31,15 @@ from .data import selfgen, sft, shipped, textfile
 from .errors import LotaqafError
 from .interrupts import Interrupted
 from .io.adapter import adapter_spec, load_adapter, save_adapter
-from .io.checkpoint import is_checkpoint, load_quantized, quantized_tensor_hash, save_quantized
+from .io.checkpoint import (
+    is_checkpoint,
+    load_quantized,
+    quantized_tensor_hash,
+    save_quantized,
+    sharded_checkpoint,
+)
 from .io.files import atomic_dir, file_sha256
-from .io.models import LoadedModel, gguf_file, layer_shapes, load_model
+from .io.models import LoadedModel, gguf_file, layer_shapes, load_model, streamable
 from .io.rundir import NEEDS, Cache, RunDir, find_run, versions
 from .stages import evaluate, export, merge, quantize, train
 
@@ -62,6 +68,7 @@ class Session:
     adapter_header: dict | None = None
     merged: torch.nn.Module | None = None
     windows: dict = field(default_factory=dict)   # role -> (token windows, sha256)
+    stages: list = field(default_factory=list)    # the chain this session runs
     timings: dict = field(default_factory=dict)
     _records: list | None = None
 
@@ -73,16 +80,25 @@ class Session:
     def cache(self) -> Cache:
         return Cache(self.cfg.run.root)
 
-    def load_source(self) -> LoadedModel:
-        if self.source is None:
+    def load_source(self, weights: bool = True) -> LoadedModel:
+        """The source model; with ``weights=False`` a streamable source gives only its tokenizer and
+        hash (``model`` None) and its weights load when a later step asks for them."""
+        if self.source is None or (weights and self.source.model is None):
             t0 = time.time()
             with ui.status(f"loading {self.cfg.model.path} ..."):
-                self.source = load_model(self.cfg.model.path, self.cfg.model.dtype)
-            self.source.model.to(pick_device(self.cfg))
-            self.timings["load_s"] = round(time.time() - t0, 1)
+                self.source = load_model(self.cfg.model.path, self.cfg.model.dtype, weights=weights)
             self.tokenizer = self.source.tokenizer
-            ui.say(f"loaded {self.cfg.model.path} ({self.source.kind}) in {self.timings['load_s']} s")
+            if self.source.model is not None:
+                self.source.model.to(pick_device(self.cfg))
+                self.timings["load_s"] = round(time.time() - t0, 1)
+                ui.say(f"loaded {self.cfg.model.path} ({self.source.kind}) in {self.timings['load_s']} s")
         return self.source
+
+    @property
+    def streamed(self) -> bool:
+        """Quantization reads the source layer by layer (quant.stream; auto: safetensors sources)."""
+        stream = self.cfg.quant.stream
+        return stream is True or (stream == "auto" and streamable(self.cfg.model.path))
 
     def heldout(self) -> torch.Tensor | None:
         """The held-out windows this session made, else the run's cached ones (never generated here)."""
@@ -109,13 +125,13 @@ class Session:
                 path = self.cache.save_text(key, windows)
                 ui.say(f"{role} text: sampled {section.n_samples * section.seq_len} tokens, cached at {path}")
         elif section.source == "shipped":
-            src = self.load_source()
+            src = self.load_source(weights=False)
             windows = shipped.windows(self.cfg.model.path, role, src.source_hash, section.n_samples, section.seq_len,
                                       section.seed)
             ui.say(f"{role} text: {section.n_samples} x {section.seq_len} tokens shipped with lotaqaf "
                    f"({shipped.path_for(self.cfg.model.path, role).name})")
         else:
-            tok = self.load_source().tokenizer
+            tok = self.load_source(weights=False).tokenizer
             if tok is None:
                 raise LotaqafError(f"{role} text from {section.source} needs a model with a tokenizer")
             if section.source == "file":
@@ -139,7 +155,7 @@ class Session:
     def examples(self) -> list[dict]:
         """Tokenized, prompt-masked training examples; self-distilled data is generated once and cached."""
         d = self.cfg.data
-        src = self.load_source()
+        src = self.load_source(weights=d.source == "self_distill")
         if d.source == "self_distill":
             key = Cache.sft_key(src.source_hash, d)
             records = self.cache.load_sft(key)
@@ -170,14 +186,15 @@ def step_quantize(s: Session) -> None:
     if s.base is not None:
         return
     cfg, q = s.cfg, s.cfg.quant
-    src = s.load_source()
+    src = s.load_source(weights=not s.streamed)
     if src.quantized:
         ui.say(f"{cfg.model.path} is already a GPTQ checkpoint: skipping quantization")
         s.base, s.base_info = src.model, src.info
         s.run.write_record("quantize", {"skipped": True, "checkpoint": cfg.model.path,
                                         "content_hash": src.source_hash, "source_hash": src.source_hash})
         return
-    quantize.check_model(src.model, q)
+    if src.model is not None:
+        quantize.check_model(src.model, q)
     t0 = time.time()
     calib, calib_hash = s.text("calib", cfg.calib)
     s.timings["calib_s"] = round(time.time() - t0, 1)
@@ -199,21 +216,53 @@ def step_quantize(s: Session) -> None:
         return
 
     t0 = time.time()
-    s.base, stats = quantize.quantize(src.model, calib, q, pick_device(cfg))
-    s.timings["quantize_s"] = round(time.time() - t0, 1)
     provenance = {"source": cfg.model.path, "source_hash": src.source_hash,
                   "calibration": OmegaConf.to_container(cfg.calib), "calibration_hash": calib_hash,
                   "settings": settings, "lotaqaf_version": __version__, "versions": versions()}
-    with ui.status("writing the quantized checkpoint ..."):
-        chash = save_quantized(s.base, src.tokenizer, out_dir, settings, provenance)
-    s.base_info = {"settings": settings, "provenance": provenance, "content_hash": chash}
+    if src.model is None:  # streamed: layer by layer from the shards, each layer written as it is done
+        stats, chash = _quantize_streamed(s, calib, out_dir, provenance)
+        s.timings["quantize_s"] = round(time.time() - t0, 1)
+        s.base_info = {"settings": settings, "provenance": provenance, "content_hash": chash}
+        if s.stages[-1:] != ["quantize"]:  # later stages need the base: its packed weights, read back
+            with ui.status("loading the quantized base (packed) ..."):
+                s.base, _tok, s.base_info = s.cache.load_quantized(key)
+            s.base.to(pick_device(cfg))
+    else:
+        s.base, stats = quantize.quantize(src.model, calib, q, pick_device(cfg))
+        s.timings["quantize_s"] = round(time.time() - t0, 1)
+        with ui.status("writing the quantized checkpoint ..."):
+            chash = save_quantized(s.base, src.tokenizer, out_dir, settings, provenance)
+        s.base_info = {"settings": settings, "provenance": provenance, "content_hash": chash}
     per_kind = quantize.summarize(stats)
     quantize.show_table(per_kind)
     s.run.write_record("quantize", {
         "cached": False, "checkpoint": str(out_dir), "content_hash": chash, "source_hash": src.source_hash,
         "settings": settings, "calibration_hash": calib_hash, "timings": dict(s.timings),
-        "error_by_kind": per_kind, "layers": [st.__dict__ for st in stats]})
+        "streamed": src.model is None, "error_by_kind": per_kind, "layers": [st.__dict__ for st in stats]})
     ui.say(f"quantized base written to {out_dir} in {s.timings['quantize_s']} s")
+
+
+def _quantize_streamed(s: Session, calib: torch.Tensor, out_dir: Path, provenance: dict) -> tuple[list, str]:
+    """Streamed quantization into ``out_dir``: the source's shards read one decoder layer at a time,
+    each quantized layer written as its own shard; returns (per-layer stats, content hash)."""
+    from .io.models import check_arch, model_dir
+    from .io.shards import ShardedSource, trim_heap
+
+    cfg, device, dtype = s.cfg, pick_device(s.cfg), getattr(torch, s.cfg.model.dtype)
+    source = ShardedSource(model_dir(cfg.model.path))
+    with ui.status("reading the embeddings and the config ..."):
+        skeleton = source.skeleton(dtype, device)
+    check_arch(skeleton, cfg.model.path)
+    quantize.check_model(skeleton, cfg.quant)
+    def emit(i: int, layer: torch.nn.Module) -> None:
+        writer.add_layer(i, layer)
+        trim_heap()
+
+    with sharded_checkpoint(out_dir, source.num_layers) as writer:
+        stats = quantize.quantize_streamed(skeleton, lambda i: source.layer(i, skeleton, dtype, device), emit,
+                                           calib, cfg.quant, device)
+        chash = writer.finish(skeleton, s.tokenizer, quantize.settings(cfg.quant), provenance)
+    return stats, chash
 
 
 def step_train(s: Session) -> None:
@@ -238,9 +287,12 @@ def step_train(s: Session) -> None:
 
 def step_ppl(s: Session) -> None:
     cfg = s.cfg
-    src = s.load_source()
+    src = s.load_source(weights=False)
     windows, digest = s.text("heldout", cfg.ppl)
-    models = {} if src.quantized else {"16-bit": src.model}
+    models = {} if src.quantized or src.model is None else {"16-bit": src.model}
+    if src.model is None:
+        ui.say("16-bit perplexity: skipped (the source was streamed, not loaded; "
+               "`lotaqaf eval --tasks ppl --model 16bit` loads it whole)")
     if s.base is not None:
         models[f"GPTQ INT{cfg.quant.bits} g{cfg.quant.group_size}"] = s.base
     if s.adapted is not None:
@@ -331,8 +383,8 @@ def run_command(command: str, cfg: DictConfig) -> None:
 
 
 def cmd_chain(cfg: DictConfig, command: str) -> None:
-    s = Session(cfg, RunDir.for_config(cfg))
     stages = ["quantize"] if command == "quantize" else list(cfg.stages)
+    s = Session(cfg, RunDir.for_config(cfg), stages=stages)
     preflight(s, stages)
     name = stages[0]
     try:
@@ -356,6 +408,9 @@ def preflight(s: Session, stages: list[str]) -> None:
     """What can be checked before the model's weights load: the quantizer settings against the
     model's layer shapes (from its config alone), and training data read from a file or the hub."""
     cfg = s.cfg
+    if cfg.quant.stream is True and "quantize" in stages and not streamable(cfg.model.path):
+        raise LotaqafError(f"quant.stream=true needs safetensors weights (a Hugging Face directory or hub id); "
+                           f"{cfg.model.path} is not: use quant.stream=auto")
     if "quantize" in stages or "train" in stages:
         shapes = layer_shapes(cfg.model.path)
         if shapes is not None:

@@ -75,14 +75,64 @@ def capture_first_layer_inputs(model: nn.Module, batches: list[torch.Tensor], de
     return captured
 
 
+def _sequential_groups(linears: dict, true_sequential: bool) -> list[list[str]]:
+    if not true_sequential:
+        return [list(linears)]
+    groups = [[n for n in linears if n.rsplit(".", 1)[-1] in kinds] for kinds in SEQUENTIAL_GROUPS]
+    groups = [g for g in groups if g]
+    rest = [n for n in linears if not any(n in g for g in groups)]
+    return groups + ([rest] if rest else [])
+
+
 @torch.no_grad()
-def quantize_model(model: nn.Module, batches: list[torch.Tensor], *, bits: int, group_size: int,
+def quantize_layer(layer: nn.Module, li: int, inputs: list[tuple], *, bits: int, group_size: int,
                    method: str = "gptq", act_order: bool = False, static_groups: bool = False,
                    true_sequential: bool = False, damp_percent: float = 0.01, block_size: int = 128,
-                   device: str | torch.device = "cpu", progress=None) -> list[LayerStat]:
+                   device: str | torch.device = "cpu") -> list[LayerStat]:
+    """Quantize decoder layer ``li`` in place (every nn.Linear -> QuantLinear) from its calibration
+    ``inputs`` [(hidden, kwargs)], then replace each entry of ``inputs`` by the quantized layer's output
+    (one batch at a time, so the activations are held once): the next layer's inputs."""
+    device = torch.device(device)
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    stats: list[LayerStat] = []
+    for names in _sequential_groups(linears, true_sequential):
+        acc = {n: HessianAccumulator(linears[n].in_features, device) for n in names}
+        handles = [linears[n].register_forward_pre_hook(lambda _m, a, n=n, acc=acc: acc[n].add_batch(a[0]))
+                   for n in names]
+        for hidden, kw in inputs:
+            _call_layer(layer, hidden, kw)
+        for h in handles:
+            h.remove()
+        for n in names:
+            lin = linears[n]
+            W, H = lin.weight.data, acc[n].H
+            rtn = rtn_quantize(W.t(), bits, group_size)
+            rtn_w = dequantize(*[t.to(W.device) for t in (rtn[0], rtn[1], rtn[2], rtn[3])]).t()
+            if method == "gptq":
+                res = gptq_quantize(W, H, bits, group_size, damp_percent=damp_percent, block_size=block_size,
+                                    act_order=act_order, static_groups=static_groups)
+                codes, scales, zeros, g_idx = res.codes, res.scales, res.zeros, res.g_idx
+            else:
+                codes, scales, zeros, g_idx = rtn
+            q = QuantLinear.from_quantized(codes, scales, zeros, g_idx, bits, group_size,
+                                           None if lin.bias is None else lin.bias.data.float())
+            q_w = q.dequantize().t().to(W.device)
+            stats.append(LayerStat(f"model.layers.{li}.{n}", n.rsplit(".", 1)[-1],
+                                   output_error(W, q_w, H), output_error(W, rtn_w, H)))
+            replace_module(layer, n, q.to(device))
+            del acc[n], lin, W, H
+    for j, (hidden, kw) in enumerate(inputs):
+        inputs[j] = (_call_layer(layer, hidden, kw), kw)
+    return stats
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, batches: list[torch.Tensor], *, device: str | torch.device = "cpu",
+                   progress=None, **settings) -> list[LayerStat]:
     """Replace every decoder nn.Linear by a QuantLinear, in place. Returns per-layer errors.
 
-    The model must already sit on ``device``; ``batches`` are token-id tensors [b, seq_len].
+    The model must already sit on ``device``; ``batches`` are token-id tensors [b, seq_len];
+    ``settings`` are :func:`quantize_layer`'s (bits, group_size, method, act_order, ...).
     """
     model.eval()
     device = torch.device(device)
@@ -90,42 +140,33 @@ def quantize_model(model: nn.Module, batches: list[torch.Tensor], *, bits: int, 
     inputs = capture_first_layer_inputs(model, batches, device)
     stats: list[LayerStat] = []
     for li, layer in enumerate(layers):
-        linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        if true_sequential:
-            groups = [[n for n in linears if n.rsplit(".", 1)[-1] in kinds] for kinds in SEQUENTIAL_GROUPS]
-            groups = [g for g in groups if g]
-            rest = [n for n in linears if not any(n in g for g in groups)]
-            if rest:
-                groups.append(rest)
-        else:
-            groups = [list(linears)]
-        for names in groups:
-            acc = {n: HessianAccumulator(linears[n].in_features, device) for n in names}
-            handles = [linears[n].register_forward_pre_hook(lambda _m, a, n=n, acc=acc: acc[n].add_batch(a[0]))
-                       for n in names]
-            for hidden, kw in inputs:
-                _call_layer(layer, hidden, kw)
-            for h in handles:
-                h.remove()
-            for n in names:
-                lin = linears[n]
-                W, H = lin.weight.data, acc[n].H
-                rtn = rtn_quantize(W.t(), bits, group_size)
-                rtn_w = dequantize(*[t.to(W.device) for t in (rtn[0], rtn[1], rtn[2], rtn[3])]).t()
-                if method == "gptq":
-                    res = gptq_quantize(W, H, bits, group_size, damp_percent=damp_percent, block_size=block_size,
-                                        act_order=act_order, static_groups=static_groups)
-                    codes, scales, zeros, g_idx = res.codes, res.scales, res.zeros, res.g_idx
-                else:
-                    codes, scales, zeros, g_idx = rtn
-                q = QuantLinear.from_quantized(codes, scales, zeros, g_idx, bits, group_size,
-                                               None if lin.bias is None else lin.bias.data.float())
-                q_w = q.dequantize().t().to(W.device)
-                stats.append(LayerStat(f"model.layers.{li}.{n}", n.rsplit(".", 1)[-1],
-                                       output_error(W, q_w, H), output_error(W, rtn_w, H)))
-                replace_module(layer, n, q.to(device))
-                del acc[n]
-        inputs = [(_call_layer(layer, hidden, kw), kw) for hidden, kw in inputs]
+        stats += quantize_layer(layer, li, inputs, device=device, **settings)
+        if progress:
+            progress(li + 1, len(layers))
+    return stats
+
+
+@torch.no_grad()
+def quantize_streamed(skeleton: nn.Module, batches: list[torch.Tensor], load_layer, emit_layer, *,
+                      device: str | torch.device = "cpu", progress=None, **settings) -> list[LayerStat]:
+    """The same quantization, one decoder layer resident at a time.
+
+    ``skeleton`` holds the embeddings (and whatever else runs before layer 0) on ``device``; its
+    decoder layers may be empty (meta). ``load_layer(i)`` returns decoder layer i with its weights on
+    ``device``; ``emit_layer(i, layer)`` receives it quantized (to write it) before it is dropped.
+    Layer for layer the arithmetic is :func:`quantize_model`'s, so the codes are the same.
+    """
+    skeleton.eval()
+    device = torch.device(device)
+    layers = decoder_layers(skeleton)
+    inputs = capture_first_layer_inputs(skeleton, batches, device)
+    stats: list[LayerStat] = []
+    for li in range(len(layers)):
+        layer = load_layer(li)
+        layer.eval()
+        stats += quantize_layer(layer, li, inputs, device=device, **settings)
+        emit_layer(li, layer)
+        del layer
         if progress:
             progress(li + 1, len(layers))
     return stats

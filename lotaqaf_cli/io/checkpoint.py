@@ -12,6 +12,7 @@ is detected on load.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from ..errors import LotaqafError
 from .files import atomic_dir, file_sha256, read_safetensors, verify_manifest, write_manifest
 
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
 QUANT_CONFIG = "quantize_config.json"
 # lotaqaf's names for the quantizer settings -> the keys of quantize_config.json (the file format's
 # names: act_order is gptqmodel's desc_act). Only this module translates between the two.
@@ -76,39 +78,47 @@ def gptq_tensors(name: str, m: QuantLinear, merged=None) -> dict[str, torch.Tens
     return out
 
 
+def weight_files(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoint's safetensors files: `model.safetensors`, or the shards its index names."""
+    d = Path(ckpt_dir)
+    index = d / INDEX
+    if index.is_file():
+        try:
+            return sorted({d / f for f in json.loads(index.read_text())["weight_map"].values()})
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise LotaqafError(f"{index} is corrupted") from None
+    return [d / WEIGHTS] if (d / WEIGHTS).is_file() else []
+
+
 def content_hash(ckpt_dir: str | os.PathLike) -> str:
     """Hash of a checkpoint's tensors and quantization config (what defines its outputs)."""
     d = Path(ckpt_dir)
     h = hashlib.sha256()
-    for name in (WEIGHTS, "quantize_config.json"):
+    names = [WEIGHTS] if (d / WEIGHTS).is_file() else [INDEX] + [f.name for f in weight_files(d)]
+    for name in [*names, QUANT_CONFIG]:
         h.update(name.encode() + file_sha256(d / name).encode())
     return "sha256:" + h.hexdigest()
 
 
-def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, settings: dict,
-                   provenance: dict, merged: dict | None = None) -> str:
-    """Write a GPTQ checkpoint atomically; returns its content hash. ``settings`` are the quantizer
-    settings in lotaqaf's names (bits, group_size, act_order, ...); ``merged`` maps layer names to
-    core.merge.MergedLayer for a merged LoTA-QAF model."""
-    from safetensors.torch import save_file
-
-    qmods = quantized_modules(model)
-    if not qmods:
-        raise ValueError("model has no quantized layers")
+def _quantized_state(model: nn.Module, merged: dict | None, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a (partly) quantized module as the checkpoint stores it: the GPTQ tensors of
+    each QuantLinear, everything else as it is. ``prefix`` is the module's name in the whole model."""
     tensors: dict[str, torch.Tensor] = {}
     skip = set()
-    for name, m in qmods.items():
-        tensors.update(gptq_tensors(name, m, (merged or {}).get(name)))
+    for name, m in quantized_modules(model).items():
+        tensors.update(gptq_tensors(prefix + name, m, (merged or {}).get(prefix + name)))
         skip.update(f"{name}.{b}" for b in ("qweight", "scales", "zeros", "g_idx", "bias"))
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     for k, v in model.state_dict().items():
         if k in skip or (tied and k == "lm_head.weight"):
             continue
-        tensors[k] = v.detach().contiguous().clone()
+        tensors[prefix + k] = v.detach().contiguous().clone()
+    return tensors
 
+
+def _write_configs(tmp: Path, config, tokenizer, settings: dict, provenance: dict, float_zeros: bool) -> None:
     full = {**SETTING_DEFAULTS, **{k: v for k, v in settings.items() if k in SETTING_KEYS}}
     qcfg = {SETTING_KEYS[k]: full[k] for k in SETTING_KEYS}
-    float_zeros = any(k.endswith(".zero_points") for k in tensors)
     qcfg.update({
         "sym": False, "lm_head": False, "pack_dtype": "int32",
         **(FLOAT_ZERO_DECLARATION if float_zeros else {"quant_method": "gptq", "checkpoint_format": "gptq"}),
@@ -118,17 +128,81 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, sett
         "meta": {"quantizer": [f"lotaqaf:{__version__}", "gptqmodel:0.9.0"]},
         "lotaqaf": provenance,
     })
+    cfg = config.to_dict()
+    cfg["quantization_config"] = {k: v for k, v in qcfg.items() if k != "lotaqaf"}
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
+    (tmp / QUANT_CONFIG).write_text(json.dumps(qcfg, indent=2, default=str) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    write_manifest(tmp)
+
+
+def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, settings: dict,
+                   provenance: dict, merged: dict | None = None) -> str:
+    """Write a GPTQ checkpoint atomically; returns its content hash. ``settings`` are the quantizer
+    settings in lotaqaf's names (bits, group_size, act_order, ...); ``merged`` maps layer names to
+    core.merge.MergedLayer for a merged LoTA-QAF model."""
+    from safetensors.torch import save_file
+
+    if not quantized_modules(model):
+        raise ValueError("model has no quantized layers")
+    tensors = _quantized_state(model, merged)
+    float_zeros = any(k.endswith(".zero_points") for k in tensors)
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        cfg = model.config.to_dict()
-        cfg["quantization_config"] = {k: v for k, v in qcfg.items() if k != "lotaqaf"}
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
-        (tmp / QUANT_CONFIG).write_text(json.dumps(qcfg, indent=2, default=str) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        write_manifest(tmp)
+        _write_configs(tmp, model.config, tokenizer, settings, provenance, float_zeros)
         chash = content_hash(tmp)
     return chash
+
+
+class ShardedWriter:
+    """A GPTQ checkpoint written one decoder layer at a time (streamed quantization): each layer
+    becomes its own shard as soon as it is quantized, so nothing accumulates in memory. Use through
+    :func:`sharded_checkpoint`; the directory appears under its final name only after `finish`."""
+
+    def __init__(self, tmp: Path, num_layers: int):
+        self.tmp, self.n_shards = tmp, num_layers + 1
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+        self.float_zeros = False
+        self.chash: str | None = None
+
+    def _shard(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        name = f"model-{k + 1:05d}-of-{self.n_shards:05d}.safetensors"
+        save_file(tensors, str(self.tmp / name), metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(tensors, name))
+        self.total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+        self.float_zeros |= any(k.endswith(".zero_points") for k in tensors)
+
+    def add_layer(self, i: int, layer: nn.Module) -> None:
+        """Decoder layer ``i``, quantized: written now, as shard i + 1."""
+        self._shard(i, {k: v.cpu() for k, v in _quantized_state(layer, None, f"model.layers.{i}.").items()})
+
+    def finish(self, skeleton: nn.Module, tokenizer, settings: dict, provenance: dict) -> str:
+        """Everything outside the decoder layers (embeddings, final norm, lm_head), the index and the
+        configs; returns the content hash."""
+        rest = {k: v.detach().contiguous().cpu().clone() for k, v in skeleton.state_dict().items()
+                if not k.startswith("model.layers.")
+                and not (k == "lm_head.weight" and skeleton.config.tie_word_embeddings)}
+        self._shard(self.n_shards - 1, rest)
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        _write_configs(self.tmp, skeleton.config, tokenizer, settings, provenance, self.float_zeros)
+        self.chash = content_hash(self.tmp)
+        return self.chash
+
+
+@contextlib.contextmanager
+def sharded_checkpoint(out_dir: str | os.PathLike, num_layers: int):
+    """Yield a :class:`ShardedWriter` into a temporary directory, renamed to ``out_dir`` only when the
+    block ends after `finish` (an interrupted quantization leaves nothing under ``out_dir``)."""
+    with atomic_dir(out_dir) as tmp:
+        w = ShardedWriter(tmp, num_layers)
+        yield w
+        if w.chash is None:
+            raise RuntimeError("sharded_checkpoint: finish() was not called")
 
 
 def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
@@ -147,11 +221,7 @@ def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float
         bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
     except (OSError, json.JSONDecodeError, KeyError, ValueError):
         raise LotaqafError(f"{d}/{QUANT_CONFIG} is missing or unreadable") from None
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted({d / f for f in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        files = [d / WEIGHTS] if (d / WEIGHTS).is_file() else []
+    files = weight_files(d)
     if not files:
         raise LotaqafError(f"{d} holds no .safetensors weights")
     state: dict[str, torch.Tensor] = {}
@@ -194,7 +264,7 @@ def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float
     tok = None
     if (d / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file():
         tok = AutoTokenizer.from_pretrained(str(d))
-    chash = content_hash(d) if (d / WEIGHTS).is_file() else "sha256:" + file_sha256(files[0])
+    chash = content_hash(d)
     settings = {k: qcfg.get(f, SETTING_DEFAULTS.get(k)) for k, f in SETTING_KEYS.items()}
     return model, tok, {"quantize_config": qcfg, "settings": settings, "provenance": qcfg.get("lotaqaf", {}),
                         "content_hash": chash, "merged": merged}
@@ -203,7 +273,9 @@ def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float
 def quantized_tensor_hash(ckpt_dir: str | os.PathLike) -> str:
     """sha256 over the quantized tensors only (qweight, qzeros, scales, g_idx, zero_points, markers),
     name by name: equal for two checkpoints that hold the same quantized model."""
-    state = read_safetensors(Path(ckpt_dir) / WEIGHTS)
+    state: dict[str, torch.Tensor] = {}
+    for f in weight_files(ckpt_dir):
+        state.update(read_safetensors(f))
     h = hashlib.sha256()
     for k in sorted(state):
         if k.endswith((".qweight", ".qzeros", ".scales", ".g_idx", ".zero_points", ".markers")):

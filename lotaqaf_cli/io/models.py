@@ -155,20 +155,59 @@ def _gguf_shape_cached(path: str, _stamp) -> tuple:
             from None
 
 
-def _check_arch(model, source: str) -> None:
+def check_arch(model, source: str) -> None:
     archs = getattr(model.config, "architectures", None) or [type(model).__name__]
     if not any(a in SUPPORTED_ARCHS for a in archs):
         raise LotaqafError(f"{source}: architecture {archs} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
 
 
-def load_model(path: str, dtype: str = "float32") -> LoadedModel:
-    """Load the 16-bit (or already GPTQ-quantized) source model named by ``path``."""
+def streamable(path: str) -> bool:
+    """A source that streamed quantization can read one layer at a time: safetensors weights in a local
+    Hugging Face directory or on the hub (GGUF files and the built-in smoke model load whole)."""
+    return classify(path) in ("local", "hub")
+
+
+def model_dir(path: str) -> Path:
+    """The local directory holding a streamable source's config, tokenizer and safetensors shards (a
+    hub id: its snapshot in the Hugging Face cache, fetched when the hub is reachable)."""
+    if classify(path) == "local":
+        return Path(path).expanduser()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model",
+                                                            "*.txt"], local_files_only=not hub_reachable()))
+    except Exception as e:  # huggingface_hub raises its own error types for offline, gated or missing repos
+        raise _hub_error(path, OSError(str(e))) from None
+
+
+def _local_hash(path: str) -> str:
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*")):
+        if f.suffix in (".safetensors", ".bin", ".json") and f.is_file():
+            h.update(f.name.encode() + file_sha256(f).encode())
+    return "sha256:" + h.hexdigest()
+
+
+def load_model(path: str, dtype: str = "float32", weights: bool = True) -> LoadedModel:
+    """Load the 16-bit (or already GPTQ-quantized) source model named by ``path``. With
+    ``weights=False`` a streamable source gives its tokenizer and content hash only (model None):
+    streamed quantization reads the weights layer by layer itself."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     torch_dtype = getattr(torch, dtype)
     kind = classify(path)
+    if not weights and kind in ("local", "hub"):
+        d = model_dir(path)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(d))
+        except (ValueError, OSError) as e:
+            raise LotaqafError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
+        if kind == "local":
+            return LoadedModel(None, tok, path, kind, _local_hash(path))
+        return LoadedModel(None, tok, path, kind, f"hub:{path}@{d.name}")  # the snapshot dir is the commit
     if kind == "smoke":
         return LoadedModel(smoke_model(), None, path, kind, "smoke-llama-v1-seed0")
     if kind == "gptq":
@@ -183,7 +222,7 @@ def load_model(path: str, dtype: str = "float32") -> LoadedModel:
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch_dtype)
         except (ValueError, OSError, KeyError) as e:
             raise LotaqafError(f"cannot read GGUF file {gguf}: {str(e).splitlines()[0]}") from None
-        _check_arch(model, path)
+        check_arch(model, path)
         return LoadedModel(model.eval(), tok, path, kind, "sha256:" + file_sha256(gguf))
     if kind == "local":
         try:
@@ -191,12 +230,8 @@ def load_model(path: str, dtype: str = "float32") -> LoadedModel:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
         except (ValueError, OSError) as e:
             raise LotaqafError(f"cannot load model directory {path}: {str(e).splitlines()[0]}") from None
-        _check_arch(model, path)
-        h = hashlib.sha256()
-        for f in sorted(Path(path).glob("*")):
-            if f.suffix in (".safetensors", ".bin", ".json") and f.is_file():
-                h.update(f.name.encode() + file_sha256(f).encode())
-        return LoadedModel(model.eval(), tok, path, kind, "sha256:" + h.hexdigest())
+        check_arch(model, path)
+        return LoadedModel(model.eval(), tok, path, kind, _local_hash(path))
     # hub id: without a network, look only in the local cache (instead of retrying for ~20 s)
     local_only = not hub_reachable()
     try:
@@ -204,7 +239,7 @@ def load_model(path: str, dtype: str = "float32") -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=local_only)
     except OSError as e:
         raise _hub_error(path, e) from None
-    _check_arch(model, path)
+    check_arch(model, path)
     commit = getattr(model.config, "_commit_hash", None) or "unknown"
     return LoadedModel(model.eval(), tok, path, kind, f"hub:{path}@{commit}")
 

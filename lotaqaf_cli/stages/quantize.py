@@ -3,6 +3,8 @@
     check_shapes(shapes, quant)               before any work: the settings fit the layer shapes (from config)
     check_model(model, quant)                 the same on a loaded model's layers
     quantize(model, windows, quant, device)   -> (quantized copy of the model, per-layer stats)
+    quantize_streamed(skeleton, load_layer, emit_layer, windows, quant, device)
+                                              -> per-layer stats; one decoder layer resident at a time
 
 Takes the recipe's `quant` section. The command layer (runner.py) loads the source, prepares the
 calibration windows, looks up and fills the cache, and writes the record.
@@ -18,11 +20,16 @@ from omegaconf import DictConfig
 from rich.table import Table
 
 from .. import ui
-from ..core.quantize_model import linear_layers, quantize_model
+from ..core import quantize_model as qm
+from ..core.quantize_model import linear_layers
 from ..errors import LotaqafError
 
 SETTINGS = ("method", "bits", "group_size", "act_order", "static_groups", "true_sequential", "damp_percent",
             "block_size")
+
+
+def _label(quant: DictConfig) -> str:
+    return f"GPTQ {quant.bits}-bit g{quant.group_size} ({quant.method}), per decoder layer"
 
 
 def settings(quant: DictConfig) -> dict:
@@ -45,7 +52,7 @@ def check_shapes(shapes: dict[str, tuple[int, int]], quant: DictConfig) -> None:
 
 
 def check_model(model: torch.nn.Module, quant: DictConfig) -> None:
-    """:func:`check_shapes` on the model's own linear layers."""
+    """:func:`check_shapes` on the model's own linear layers (on the meta device too: shapes only)."""
     check_shapes({n: (m.in_features, m.out_features) for n, m in linear_layers(model).items()}, quant)
 
 
@@ -53,15 +60,19 @@ def quantize(model: torch.nn.Module, windows: torch.Tensor, quant: DictConfig, d
     """A quantized deep copy of ``model`` (the source stays 16-bit) and the per-layer statistics."""
     check_model(model, quant)
     q = copy.deepcopy(model)
-    n_layers = len(q.model.layers)
-    with ui.progress_bar(f"GPTQ {quant.bits}-bit g{quant.group_size} ({quant.method}), per decoder layer",
-                         n_layers, unit="layers") as adv:
-        stats = quantize_model(q, list(windows.split(quant.batch_size)), bits=quant.bits,
-                               group_size=quant.group_size, method=quant.method, act_order=quant.act_order,
-                               static_groups=quant.static_groups, true_sequential=quant.true_sequential,
-                               damp_percent=quant.damp_percent, block_size=quant.block_size, device=device,
-                               progress=lambda *_: adv(1))
+    with ui.progress_bar(_label(quant), len(q.model.layers), unit="layers") as adv:
+        stats = qm.quantize_model(q, list(windows.split(quant.batch_size)), device=device,
+                                  progress=lambda *_: adv(1), **settings(quant))
     return q, stats
+
+
+def quantize_streamed(skeleton: torch.nn.Module, load_layer, emit_layer, windows: torch.Tensor, quant: DictConfig,
+                      device: torch.device):
+    """The same quantization with one decoder layer in memory at a time: ``load_layer(i)`` reads layer
+    i, ``emit_layer(i, layer)`` writes it quantized (the checkpoint grows shard by shard)."""
+    with ui.progress_bar(_label(quant) + ", streamed", len(skeleton.model.layers), unit="layers") as adv:
+        return qm.quantize_streamed(skeleton, list(windows.split(quant.batch_size)), load_layer, emit_layer,
+                                    device=device, progress=lambda *_: adv(1), **settings(quant))
 
 
 def summarize(stats) -> dict:

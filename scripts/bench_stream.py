@@ -1,0 +1,83 @@
+"""Peak resident memory of `lotaqaf quantize` on random-weight Llama models saved as safetensors
+shards: streamed (one decoder layer at a time) vs in memory (the whole model loaded), at two depths.
+
+    python scripts/bench_stream.py                      # hidden 1024, 2 and 10 layers (~50 MB fp32 a layer)
+    python scripts/bench_stream.py --layers 4 24 --hidden 2048 --intermediate 5632
+
+Each run is its own process (`lotaqaf quantize ... quant.stream=true|false`), and its peak resident
+set (ru_maxrss) is what is printed; the growth per added layer is the memory that depends on depth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+DRIVER = """
+import resource, sys, json
+from lotaqaf_cli.cli import main
+rc = main(sys.argv[1:])
+print(json.dumps({"rc": rc, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def quantize_peak(model_dir: Path, text: Path, work: Path, stream: bool, extra=()) -> dict:
+    """Run `lotaqaf quantize` on ``model_dir`` in a fresh process; its exit code, peak RSS and seconds."""
+    args = ["quantize", "recipe=smoke", f"model.path={model_dir}", "calib=file", f"calib.path={text}",
+            "calib.n_samples=8", "calib.seq_len=64", "quant.batch_size=4", f"quant.stream={str(stream).lower()}",
+            f"run.root={work}", "device=cpu", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOTAQAF_QUIET": "1"}
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", DRIVER, *args], capture_output=True, text=True, env=env, cwd=work)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    return {**res, "seconds": round(time.time() - t0, 1)}
+
+
+def main() -> None:
+    from tiny_models import corpus, random_model_dir
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, nargs=2, default=[2, 10])
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--intermediate", type=int, default=2816)
+    args = ap.parse_args()
+    layer_mb = (4 * args.hidden * args.hidden * 3 // 4 + 3 * args.hidden * args.intermediate) * 4 / 2**20
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        text = tmp / "text.txt"
+        text.write_text("\n".join(corpus(256)) + "\n")
+        for n in args.layers:
+            d = random_model_dir(tmp / f"m{n}", n, args.hidden, args.intermediate)
+            size = sum(f.stat().st_size for f in d.glob("*.safetensors")) / 2**20
+            for stream in (True, False):
+                r = quantize_peak(d, text, tmp / f"w{n}{stream}", stream)
+                rows.append({"layers": n, "model_mb": round(size), "stream": stream, **r})
+                print(json.dumps(rows[-1]), flush=True)
+    print(f"\none decoder layer: {layer_mb:.0f} MB fp32")
+    print("| layers | model MB (fp32) | path | peak RSS MB | seconds |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['layers']} | {r['model_mb']} | {'streamed' if r['stream'] else 'in memory'} | "
+              f"{r['peak_mb']:.0f} | {r['seconds']} |")
+    lo, hi = args.layers
+    for stream in (True, False):
+        a, b = (next(r for r in rows if r["layers"] == n and r["stream"] == stream) for n in (lo, hi))
+        per = (b["peak_mb"] - a["peak_mb"]) / (hi - lo)
+        print(f"{'streamed' if stream else 'in memory'}: peak grows {per:.1f} MB per added layer "
+              f"({per / layer_mb:.2f} x a layer's fp32 size)")
+
+
+if __name__ == "__main__":
+    main()

@@ -19,6 +19,7 @@ COMMANDS = {
     "merge": "merge a trained adapter losslessly into its quantized base",
     "eval": "evaluate a model (MMLU 5-shot via lm-eval or the fast scorer, held-out perplexity)",
     "export": "export a merged model (gptq, gguf, hf16)",
+    "plan": "the memory each stage of the recipe needs, from the model's config alone (plan.device_gb=80)",
 }
 
 

@@ -25,7 +25,7 @@ import lotaqaf_kernels as kernels
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import __version__, ui
+from . import __version__, memory, ui
 from .config import writable_dir
 from .data import selfgen, sft, shipped, textfile
 from .errors import LotaqafError
@@ -69,6 +69,7 @@ class Session:
     merged: torch.nn.Module | None = None
     windows: dict = field(default_factory=dict)   # role -> (token windows, sha256)
     stages: list = field(default_factory=list)    # the chain this session runs
+    plan: dict | None = None                      # its memory plan (stages/plan.py's summary)
     timings: dict = field(default_factory=dict)
     _records: list | None = None
 
@@ -246,7 +247,7 @@ def _quantize_streamed(s: Session, calib: torch.Tensor, out_dir: Path, provenanc
     """Streamed quantization into ``out_dir``: the source's shards read one decoder layer at a time,
     each quantized layer written as its own shard; returns (per-layer stats, content hash)."""
     from .io.models import check_arch, model_dir
-    from .io.shards import ShardedSource, trim_heap
+    from .io.shards import ShardedSource
 
     cfg, device, dtype = s.cfg, pick_device(s.cfg), getattr(torch, s.cfg.model.dtype)
     source = ShardedSource(model_dir(cfg.model.path))
@@ -256,7 +257,7 @@ def _quantize_streamed(s: Session, calib: torch.Tensor, out_dir: Path, provenanc
     quantize.check_model(skeleton, cfg.quant)
     def emit(i: int, layer: torch.nn.Module) -> None:
         writer.add_layer(i, layer)
-        trim_heap()
+        memory.trim_heap()
 
     with sharded_checkpoint(out_dir, source.num_layers) as writer:
         stats = quantize.quantize_streamed(skeleton, lambda i: source.layer(i, skeleton, dtype, device), emit,
@@ -313,13 +314,15 @@ def step_merge(s: Session) -> None:
         raise LotaqafError(f"{run.merged_dir} already exists: remove it to merge again")
     if s.adapted is None:
         if s.base is not None:  # the chain without a train stage: the adapter file onto the base in memory
-            s.adapted = copy.deepcopy(s.base)
+            s.adapted, s.base = s.base, None
             s.adapter_header = load_adapter(s.adapted, run.adapter_file, s.base_info["content_hash"])
             s.adapted.eval()
         else:
             with ui.status(f"loading {run.path} ..."):
                 s.adapted, s.tokenizer, s.adapter_header, s.base_info = run.load_adapted()
     kind = s.adapter_header["kind"]
+    s.base = None  # from here on the chain needs the adapted and merged models only (memory: core/plan.py)
+    memory.trim_heap()
     t0 = time.time()
     s.merged, layers, cert = merge.merge(s.adapted, kind, s.heldout())
     cert.update(base_hash=s.base_info["content_hash"], adapter_sha256="sha256:" + file_sha256(run.adapter_file))
@@ -328,10 +331,13 @@ def step_merge(s: Session) -> None:
     with atomic_dir(run.merged_dir) as tmp:
         with ui.status("writing the merged checkpoint ..."):
             save_quantized(s.merged, s.tokenizer, tmp, s.base_info["settings"], prov, merged=layers or None)
-        if s.cfg.merge.verify:
+        if s.cfg.merge.verify:  # the written checkpoint replaces the in-memory merged model once it is checked
+            s.merged = None
+            memory.trim_heap()
             reloaded, _, rinfo = load_quantized(tmp)
             merge.check_reloaded(reloaded, s.adapted, kind, cert)
             cert["merged_hash"] = rinfo["content_hash"]
+            s.merged = reloaded
     cert["seconds"] = round(time.time() - t0, 1)
     path = run.write_record("merge_certificate", cert)
     ui.say(f"merged {kind} adapter into {run.merged_dir}: max |logit diff| = {cert['max_abs_logit_diff']:g}"
@@ -379,7 +385,7 @@ def run_command(command: str, cfg: DictConfig) -> None:
     torch.manual_seed(cfg.seed)
     kernels.set_mode(cfg.kernels)
     {"train": cmd_chain, "quantize": cmd_chain, "merge": cmd_merge, "eval": cmd_eval,
-     "export": cmd_export}[command](cfg, command)
+     "export": cmd_export, "plan": cmd_plan}[command](cfg, command)
 
 
 def cmd_chain(cfg: DictConfig, command: str) -> None:
@@ -387,11 +393,20 @@ def cmd_chain(cfg: DictConfig, command: str) -> None:
     s = Session(cfg, RunDir.for_config(cfg), stages=stages)
     preflight(s, stages)
     name = stages[0]
+    device, peaks = pick_device(cfg), {}
     try:
         for name in stages:
             ui.say(f"[bold]== {name} ==[/bold]")
+            memory.trim_heap()
+            memory.reset_peak(device)
             STEPS[name](s)
-            s.run.log(f"stage {name} done")
+            peak = memory.peak_bytes(device)
+            if peak is not None:
+                peaks[name] = round(peak / 1e9, 3)
+                s.run.log(f"stage {name} done (peak {'GPU' if device.type == 'cuda' else 'resident'} memory "
+                          f"{peaks[name]} GB)")
+            else:
+                s.run.log(f"stage {name} done")
     except Interrupted as e:
         s.run.mark("interrupted", stage=name, reason=str(e))
         again = f"resume=true run.dir={s.run.path}" if s.run.path.is_dir() else ""
@@ -401,6 +416,10 @@ def cmd_chain(cfg: DictConfig, command: str) -> None:
         s.run.mark("failed", stage=name, error=str(e) or type(e).__name__)
         raise
     s.run.mark("done", stages=stages)
+    if peaks:
+        s.run.write_record("memory", {"device": str(device), "measured": "torch.cuda.max_memory_reserved"
+                                      if device.type == "cuda" else "peak resident set (VmHWM) of the process",
+                                      "peak_gb": peaks, "plan": s.plan})
     ui.say(f"run directory: {s.run.path}")
 
 
@@ -417,6 +436,42 @@ def preflight(s: Session, stages: list[str]) -> None:
             quantize.check_shapes(shapes, cfg.quant)
     if "train" in stages:
         s.records()
+    if cfg.plan.check:
+        from .stages import plan
+
+        p, cap, where = make_plan(cfg, stages)
+        if cap is not None:
+            plan.check(p, cap, where)
+        s.plan = plan.summary(p, cap)
+
+
+def make_plan(cfg: DictConfig, stages: list[str]):
+    """(plan of ``stages``, capacity in GB, what the capacity is): plan.device_gb, else the memory of
+    the device this run uses (CUDA: the GPU's; CPU: the machine's RAM)."""
+    from .io.models import model_config
+    from .stages import plan
+
+    device = pick_device(cfg)
+    named = cfg.plan.device_gb is not None
+    device_type = "cpu" if cfg.device == "cpu" or (not named and device.type == "cpu") else "cuda"
+    mc, where_config = model_config(cfg.model.path)
+    stream = cfg.quant.stream
+    streamed = stream is True or (stream == "auto" and streamable(cfg.model.path))
+    p = plan.make(cfg, mc, where_config, stages, device_type, streamed)
+    if named:
+        return p, float(cfg.plan.device_gb), f"plan.device_gb={cfg.plan.device_gb:g}"
+    cap = memory.capacity_bytes(device)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda" else "this machine's RAM")
+    return p, None if cap is None else round(cap / 1e9, 1), where
+
+
+def cmd_plan(cfg: DictConfig, _command: str) -> None:
+    from .stages import plan
+
+    p, cap, where = make_plan(cfg, list(cfg.stages))
+    plan.show(p, cap, where)
+    if cfg.run.dir:  # a run directory: keep the plan beside its measured memory (memory.json)
+        RunDir(cfg.run.dir).write_record("plan", plan.summary(p, cap))
 
 
 def cmd_merge(cfg: DictConfig, _command: str) -> None:

@@ -64,6 +64,11 @@ CASES = [
     ("negative limit", ["train", "recipe=smoke", "eval.limit=-1"], "eval.limit=-1 is not allowed"),
     ("markers off and no offset", ["train", "recipe=smoke", "adapter.markers=false",
                                    "adapter.offset_granularity=none"], "leaves the adapter no effect"),
+    ("stream without safetensors", ["quantize", "recipe=smoke", "quant.stream=true"],
+     "quant.stream=true needs safetensors weights"),
+    # the memory plan, before any work
+    ("bad plan device", ["plan", "recipe=smoke", "plan.device_gb=0"], "plan.device_gb=0 is not allowed"),
+    ("stage over the device", ["train", "recipe=smoke", "plan.device_gb=0.2"], "the quantize stage needs about"),
     # shipped data (recipe smollm2_mmlu), checked before the model loads
     ("shipped data, other model", ["train", "recipe=smoke", "calib=shipped"],
      "calib.source=shipped: lotaqaf ships data only for embedded:smollm2 (model is smoke)"),

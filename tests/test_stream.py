@@ -6,7 +6,8 @@ layer at a time, each quantized layer written as its own shard.
 - Peak resident memory, measured in a fresh process, does not grow with the number of layers: a
   random-weight model with 8 layers peaks within one layer's size of the same model with 2 layers
   (the in-memory path grows by about two layers per layer: the loaded model and its quantized copy).
-- A shard that cannot be read ends in one line, exit 2, and no half-written checkpoint.
+- A shard that cannot be read ends in one line, exit 2, and no half-written checkpoint (a source
+  without safetensors and quant.stream=true: tests/test_errors.py).
 """
 
 import json
@@ -69,11 +70,6 @@ def test_unreadable_shard_one_line_and_no_checkpoint(tiny, tmp_path, capsys, mon
                    "corrupted or truncated")
     cache = root / "rbad" / "_cache" / "quantized"
     assert not cache.exists() or not any(cache.iterdir())            # no checkpoint, not even a temporary one
-
-
-def test_stream_needs_safetensors(tiny, capsys, monkeypatch):
-    monkeypatch.chdir(tiny[0])
-    one_line_error(capsys, ["quantize", "recipe=smoke", "quant.stream=true"], "quant.stream=true needs safetensors")
 
 
 DRIVER = """

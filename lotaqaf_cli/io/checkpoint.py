@@ -64,17 +64,17 @@ def gptq_tensors(name: str, m: QuantLinear, merged=None) -> dict[str, torch.Tens
     """
     int_zeros = m.zeros.round() if merged is None else merged.int_zeros
     out = {
-        f"{name}.qweight": m.qweight.detach().clone() if m.gptq_packable else pack_rows(m.codes, m.bits),
+        f"{name}.qweight": m.qweight.detach() if m.gptq_packable else pack_rows(m.codes, m.bits),
         f"{name}.qzeros": pack_zeros_v1(int_zeros, m.bits),
         f"{name}.scales": m.scales.half(),
         f"{name}.g_idx": m.g_idx.to(torch.int32),
     }
     if m.bias is not None:
-        out[f"{name}.bias"] = m.bias.detach().clone()
+        out[f"{name}.bias"] = m.bias.detach()
     if merged is not None:
         out[f"{name}.markers"] = pack_ternary(merged.markers)
     if not torch.equal(m.zeros.float(), int_zeros.float()):  # fractional zero points (merged model)
-        out[f"{name}.zero_points"] = m.zeros.detach().float().contiguous().clone()
+        out[f"{name}.zero_points"] = m.zeros.detach().float().contiguous()
     return out
 
 
@@ -112,7 +112,7 @@ def _quantized_state(model: nn.Module, merged: dict | None, prefix: str = "") ->
     for k, v in model.state_dict().items():
         if k in skip or (tied and k == "lm_head.weight"):
             continue
-        tensors[prefix + k] = v.detach().contiguous().clone()
+        tensors[prefix + k] = v.detach().contiguous()
     return tensors
 
 

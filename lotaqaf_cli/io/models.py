@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +132,8 @@ def layer_shapes(path: str) -> dict[str, tuple[int, int]] | None:
 
 _GGUF_SHAPE_KEYS = {"embedding_length": "hidden_size", "feed_forward_length": "intermediate_size",
                     "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
-                    "attention.key_length": "head_dim"}
+                    "attention.key_length": "head_dim", "block_count": "num_hidden_layers",
+                    "context_length": "max_position_embeddings", "vocab_size": "vocab_size"}
 
 
 def _gguf_shape(path: Path) -> dict:
@@ -146,10 +148,16 @@ def _gguf_shape_cached(path: str, _stamp) -> tuple:
     from gguf import GGUFReader
 
     try:
-        fields = GGUFReader(str(path)).fields
+        reader = GGUFReader(str(path))
+        fields = reader.fields
         arch = fields["general.architecture"].contents()
-        return tuple((ours, fields[f"{arch}.{key}"].contents()) for key, ours in _GGUF_SHAPE_KEYS.items()
-                     if f"{arch}.{key}" in fields)
+        out = {ours: fields[f"{arch}.{key}"].contents() for key, ours in _GGUF_SHAPE_KEYS.items()
+               if f"{arch}.{key}" in fields}
+        if "vocab_size" not in out and "tokenizer.ggml.tokens" in fields:
+            out["vocab_size"] = len(fields["tokenizer.ggml.tokens"].data)
+        out["tie_word_embeddings"] = not any(t.name == "output.weight" for t in reader.tensors)
+        out["model_type"] = arch
+        return tuple(out.items())
     except (ValueError, KeyError, OSError) as e:
         raise LotaqafError(f"cannot read GGUF file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
             from None
@@ -242,6 +250,41 @@ def load_model(path: str, dtype: str = "float32", weights: bool = True) -> Loade
     check_arch(model, path)
     commit = getattr(model.config, "_commit_hash", None) or "unknown"
     return LoadedModel(model.eval(), tok, path, kind, f"hub:{path}@{commit}")
+
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "data" / "model_configs.json"
+
+
+def model_config(path: str):
+    """(transformers config, where it came from) of the model ``path`` names, without its weights: a
+    GGUF file's metadata, a directory's config.json, the hub's config.json, or (hub unreachable) the
+    shapes lotaqaf ships for its recipes' models (data/model_configs.json)."""
+    from transformers import AutoConfig
+
+    kind = classify(path)
+    if kind == "smoke":
+        return smoke_model().config, "built in"
+    if kind in ("embedded", "gguf"):
+        c = _gguf_shape(gguf_file(path))
+        return AutoConfig.for_model(c.pop("model_type"), **c), "GGUF metadata"
+    if kind in ("local", "gptq"):
+        try:
+            return AutoConfig.from_pretrained(path), "config.json"
+        except (OSError, ValueError) as e:
+            raise LotaqafError(f"cannot read {path}/config.json: {str(e).splitlines()[0]}") from None
+    if hub_reachable():
+        try:
+            return AutoConfig.from_pretrained(path), "config.json from the hub"
+        except OSError as e:
+            raise _hub_error(path, e) from None
+    shipped = json.loads(SHIPPED_CONFIGS.read_text())
+    if path in shipped:
+        c = dict(shipped[path])
+        return AutoConfig.for_model(c.pop("model_type"), **c), "shapes shipped with lotaqaf (hub unreachable)"
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True), "config.json from the local hub cache"
+    except OSError as e:
+        raise _hub_error(path, e) from None
 
 
 def _hub_error(path: str, e: OSError) -> LotaqafError:

@@ -37,8 +37,9 @@ from .files import atomic_dir, atomic_file, write_json_atomic, write_text_atomic
 CONFIG, VERSIONS, LOG = "config.yaml", "versions.json", "run.log"
 ADAPTER, METRICS, CHECKPOINTS, TENSORBOARD = "adapter.safetensors", "metrics.jsonl", "checkpoints", "tensorboard"
 MERGED, UNMERGED = "merged", "unmerged"
-RECORDS = ("quantize", "train", "ppl", "merge_certificate", "unmerge", "status")  # <name>.json
+RECORDS = ("quantize", "train", "ppl", "merge_certificate", "unmerge", "status", "memory", "plan")  # <name>.json
 # status.json: how the last `lotaqaf train|quantize` of the run ended: done | failed | interrupted.
+# memory.json: the peak memory of each stage of the last `lotaqaf train|quantize` (what `lotaqaf plan` predicts).
 # "Newest run" lookups skip failed runs; an interrupted one is resumable (resume=true).
 NEEDS = {"merge": ADAPTER, "eval": CONFIG, "export": ADAPTER}  # what the newest run must hold, per command
 # Keys that may differ between two invocations of the same run (resuming, re-running a stage, the

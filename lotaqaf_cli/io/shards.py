@@ -12,7 +12,6 @@ quantization writes is io/checkpoint.py's ShardedCheckpointWriter.
 
 from __future__ import annotations
 
-import ctypes
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -122,11 +121,3 @@ class ShardedSource:
         return layer.eval()
 
 
-
-def trim_heap() -> None:
-    """Hand freed heap memory back to the operating system (glibc keeps it otherwise, so the resident
-    set of a layer-by-layer loop would creep with each layer's freed buffers); a no-op elsewhere."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

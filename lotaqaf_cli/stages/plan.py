@@ -1,0 +1,112 @@
+"""Stage `plan`: the memory each stage of a recipe needs, before anything is loaded.
+
+    make(cfg, model_config, stages, device_type)  -> Plan (core.plan's figures for this recipe)
+    check(plan, capacity_gb, where)               -> None, or the one-line refusal naming what to change
+    show(plan, capacity_gb, where)                   the table `lotaqaf plan` prints
+
+The model's config comes from io.models.model_config (config.json, GGUF metadata or the shapes
+shipped for the recipe models); nothing is downloaded beyond it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from omegaconf import DictConfig
+from rich.table import Table
+
+from .. import ui
+from ..core import plan as core
+from ..errors import LotaqafError
+
+MMLU_PROMPT_TOKENS = 1024   # a long 5-shot MMLU prompt (lm-eval's); the eval stage's forward length
+
+
+@dataclass
+class Plan:
+    shape: core.Shape
+    inputs: core.Inputs
+    stages: list[core.Stage]
+    config_source: str
+
+    @property
+    def peak(self) -> core.Stage:
+        return max(self.stages, key=lambda s: s.total)
+
+
+def inputs(cfg: DictConfig, device_type: str, streamed: bool, max_positions: int) -> core.Inputs:
+    q, o, d = cfg.quant, cfg.optim, cfg.data
+    source_held = not streamed or cfg.calib.source == "self" or d.source == "self_distill"
+    return core.Inputs(
+        device=device_type, source_dtype=cfg.model.dtype, streamed=streamed, bits=q.bits, group_size=q.group_size,
+        calib_tokens=cfg.calib.n_samples * cfg.calib.seq_len, calib_batch_tokens=q.batch_size * cfg.calib.seq_len,
+        adapter=cfg.adapter.kind, rank=cfg.adapter.rank, micro_batch=o.batch_size,
+        train_len=d.source_len + d.target_len, checkpointing=bool(o.gradient_checkpointing),
+        ppl_tokens=cfg.ppl.batch_size * cfg.ppl.seq_len,
+        eval_tokens=cfg.eval.batch_size * min(MMLU_PROMPT_TOKENS, max_positions), source_held=source_held)
+
+
+def make(cfg: DictConfig, model_config, config_source: str, stages: list[str], device_type: str,
+         streamed: bool) -> Plan:
+    shape = core.Shape.from_config(model_config)
+    x = inputs(cfg, device_type, streamed, int(getattr(model_config, "max_position_embeddings", 4096) or 4096))
+    return Plan(shape, x, [s for s in core.plan(shape, x) if s.name in stages], config_source)
+
+
+def _fix(p: Plan, stage: core.Stage) -> tuple[str, float] | None:
+    """The first change to the recipe that lowers ``stage``, and the stage's new figure."""
+    x = p.inputs
+    tries = []
+    if stage.name == "quantize" and not x.streamed:
+        tries.append(("quant.stream=true (safetensors sources)", replace(x, streamed=True, source_held=False)))
+    if stage.name == "train" and not x.checkpointing:
+        tries.append(("optim.gradient_checkpointing=true", replace(x, checkpointing=True)))
+    if stage.name == "train" and x.micro_batch > 1:
+        half = x.micro_batch // 2
+        tries.append((f"optim.batch_size={half} with optim.grad_accum doubled (the same global batch)",
+                      replace(x, micro_batch=half)))
+    if stage.name == "quantize" and x.calib_tokens > x.calib_batch_tokens:
+        tries.append(("fewer calibration samples (calib.n_samples)", replace(x, calib_tokens=x.calib_tokens // 2)))
+    for what, y in tries:
+        new = next(s for s in core.plan(p.shape, y) if s.name == stage.name)
+        if new.total < stage.total:
+            return what, new.total
+    return None
+
+
+def check(p: Plan, capacity_gb: float, where: str) -> None:
+    """Refuse, in one line, the first stage whose figure exceeds ``capacity_gb``."""
+    for st in p.stages:
+        if st.total > capacity_gb * core.GB:
+            fix = _fix(p, st)
+            gpu = core.smallest_gpu(p.peak.total)
+            hint = (f"set {fix[0]} (then {fix[1] / core.GB:.1f} GB)" if fix else
+                    "use a device with more memory" + (f" ({gpu})" if gpu else ""))
+            raise LotaqafError(f"the {st.name} stage needs about {st.total / core.GB:.1f} GB, more than the "
+                               f"{capacity_gb:g} GB of {where}: {hint}; `lotaqaf plan` shows every stage "
+                               "(plan.check=false skips this check)")
+
+
+def summary(p: Plan, capacity_gb: float | None) -> dict:
+    """The plan as a record: GB per stage and term, the peak, and the smallest single GPU."""
+    return {"config": p.config_source, "device": p.inputs.device, "capacity_gb": capacity_gb,
+            "params_billion": round(p.shape.params / 1e9, 3),
+            "stages": {s.name: {"gb": round(s.total / core.GB, 2),
+                                "parts_gb": {k: round(v / core.GB, 3) for k, v in s.parts.items()}}
+                       for s in p.stages},
+            "peak_gb": round(p.peak.total / core.GB, 2), "smallest_gpu": core.smallest_gpu(p.peak.total)}
+
+
+def show(p: Plan, capacity_gb: float | None, where: str) -> None:
+    x = p.inputs
+    t = Table(title=f"memory plan ({x.device}; {p.shape.params / 1e9:.2f} B parameters; config: {p.config_source})")
+    for col in ("stage", "GB", "largest terms", f"fits {capacity_gb:g} GB" if capacity_gb else "fits"):
+        t.add_column(col, justify="right" if col == "GB" else "left")
+    for s in p.stages:
+        top = sorted(s.parts.items(), key=lambda kv: -kv[1])[:3]
+        fits = "-" if capacity_gb is None else ("yes" if s.total <= capacity_gb * core.GB else "[red]no[/red]")
+        t.add_row(s.name, f"{s.total / core.GB:.2f}", ", ".join(f"{k} {v / core.GB:.2f}" for k, v in top), fits)
+    ui.console.print(t)
+    gpu = core.smallest_gpu(p.peak.total)
+    ui.console.print(f"peak: {p.peak.name} {p.peak.total / core.GB:.1f} GB; smallest single GPU that runs it: "
+           f"{gpu or 'none of ' + core.GPUS[-1][0] + ' or smaller'}" + (f"; checked against {where}" if where else ""))

@@ -1,0 +1,84 @@
+"""The memory plan (`lotaqaf plan`, core/plan.py): its terms against independent counts, and the
+refusal of a stage that cannot fit, before any work.
+
+- Shape's parameter count equals the parameters of the model transformers builds from the same
+  config on the meta device (every recipe model, so the shipped shapes are checked too).
+- packed_bytes equals the bytes of the QuantLinear buffers a quantized model really holds.
+- A stage over plan.device_gb is refused in one line (exit 2) naming the setting to change, and
+  nothing is written; `lotaqaf plan` prints every recipe, and the 70B recipe fits one 141 GB GPU.
+"""
+
+import json
+
+import pytest
+import torch
+
+from lotaqaf_cli.cli import main
+from lotaqaf_cli.config import compose
+from lotaqaf_cli.core import plan as core
+from lotaqaf_cli.core.qlinear import quantized_modules
+from lotaqaf_cli.core.quantize_model import quantize_model
+from lotaqaf_cli.io.models import SHIPPED_CONFIGS, model_config, smoke_model
+
+
+@pytest.mark.parametrize("name", sorted(k for k in json.loads(SHIPPED_CONFIGS.read_text()) if "/" in k) + ["smoke"])
+def test_shape_counts_the_parameters_of_the_meta_model(name):
+    from transformers import AutoModelForCausalLM
+
+    config, _ = model_config(name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    real = sum(p.numel() for p in model.parameters())  # tied embeddings are one parameter
+    bias = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias"))  # Qwen2's q/k/v biases
+    assert core.Shape.from_config(config).params == real - bias
+
+
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 64), (4, -1)])
+def test_packed_bytes_equal_the_quantized_buffers(bits, group_size):
+    model = smoke_model()
+    quantize_model(model, [torch.randint(0, 256, (2, 16))], bits=bits, group_size=group_size, method="rtn")
+    held = sum(t.numel() * t.element_size() for m in quantized_modules(model).values()
+               for n, t in m.named_buffers() if n in ("qweight", "scales", "zeros", "g_idx"))
+    assert core.packed_bytes(core.Shape.from_config(model.config), bits, group_size) == held
+
+
+def test_refusal_names_the_change(tmp_path, monkeypatch, capsys):
+    """(The refusal itself, one line and no files: tests/test_errors.py.) Without gradient
+    checkpointing the train stage's line names it; with it, the micro-batch."""
+    monkeypatch.chdir(tmp_path)
+    for extra, needle in (([], "set optim.gradient_checkpointing=true (then"),
+                          (["optim.gradient_checkpointing=true", "optim.batch_size=8"], "set optim.batch_size=4 with")):
+        capsys.readouterr()
+        assert main(["train", "recipe=smoke", "plan.device_gb=0.2", "stages=[train]", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "the train stage needs about" in err and needle in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_plan_check_can_be_switched_off(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["quantize", "recipe=smoke", "plan.device_gb=0.2", "plan.check=false"]) == 0
+
+
+def _summary(recipe: str, *overrides: str) -> dict:
+    from lotaqaf_cli.runner import make_plan
+    from lotaqaf_cli.stages.plan import summary
+
+    cfg = compose([f"recipe={recipe}", *overrides])
+    p, cap, _ = make_plan(cfg, list(cfg.stages))
+    return summary(p, cap)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_70b_fits_one_h200(bits):
+    s = _summary("llama33_70b_mmlu", "plan.device_gb=141", f"quant.bits={bits}")
+    assert s["peak_gb"] <= 141, s
+    assert s["stages"]["quantize"]["parts_gb"]["source: embeddings + one layer"] < 14   # streamed: not the 141 GB model
+
+
+def test_plan_command_prints_the_stages(capsys):
+    assert main(["plan", "recipe=llama3_mmlu", "plan.device_gb=80"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("quantize", "train", "ppl", "merge", "eval"):
+        assert stage in out
+    assert "smallest single GPU" in out

@@ -14,7 +14,6 @@ stage. Run files are named only by io/rundir.py; stages get their own config sec
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import os
 import time
@@ -457,7 +456,7 @@ def make_plan(cfg: DictConfig, stages: list[str]):
     mc, where_config = model_config(cfg.model.path)
     stream = cfg.quant.stream
     streamed = stream is True or (stream == "auto" and streamable(cfg.model.path))
-    p = plan.make(cfg, mc, where_config, stages, device_type, streamed)
+    p = plan.make(cfg, mc, where_config, stages, device_type, streamed, streamable(cfg.model.path))
     if named:
         return p, float(cfg.plan.device_gb), f"plan.device_gb={cfg.plan.device_gb:g}"
     cap = memory.capacity_bytes(device)

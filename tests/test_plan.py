@@ -46,10 +46,12 @@ def test_refusal_names_the_change(tmp_path, monkeypatch, capsys):
     """(The refusal itself, one line and no files: tests/test_errors.py.) Without gradient
     checkpointing the train stage's line names it; with it, the micro-batch."""
     monkeypatch.chdir(tmp_path)
-    for extra, needle in (([], "set optim.gradient_checkpointing=true (then"),
-                          (["optim.gradient_checkpointing=true", "optim.batch_size=8"], "set optim.batch_size=4 with")):
+    big = ["optim.batch_size=2048"]   # the smoke model's train stage at ~1.7 GB
+    for extra, needle in ((["plan.device_gb=1.5"], "set optim.gradient_checkpointing=true (then 1.5 GB)"),
+                          (["plan.device_gb=1.3", "optim.gradient_checkpointing=true"],
+                           "set optim.batch_size=1024 with optim.grad_accum doubled")):
         capsys.readouterr()
-        assert main(["train", "recipe=smoke", "plan.device_gb=0.2", "stages=[train]", *extra]) == 2
+        assert main(["train", "recipe=smoke", "stages=[train]", *big, *extra]) == 2
         err = capsys.readouterr().err
         assert "the train stage needs about" in err and needle in err, err
     assert not (tmp_path / "runs").exists()

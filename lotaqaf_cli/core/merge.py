@@ -18,7 +18,7 @@ from torch import nn
 
 from .lora import LoRALinear, QALoRALinear
 from .qlinear import QuantLinear, replace_module
-from .quant import max_code, rtn_quantize
+from .quant import max_code, pack_ternary, rtn_quantize, unpack_ternary
 from .ternary import TernaryLinear, merged_zeros
 
 PROBE_SEED, PROBE_SHAPE = 0, (4, 64)  # the merge certificate's probe batch
@@ -32,10 +32,16 @@ def probe_batch(vocab: int) -> torch.Tensor:
 
 @dataclass
 class MergedLayer:
-    layer: QuantLinear        # the merged layer (fractional zero points when mu is used)
-    markers: torch.Tensor     # W_hat, int8 [D_in, D_out]: what unmerge subtracts
-    int_zeros: torch.Tensor   # the base's integer zero points z: what unmerge restores
-    stats: dict               # counts of +1 / -1 / 0 markers and blocked codes
+    layer: QuantLinear           # the merged layer (fractional zero points when mu is used)
+    markers_packed: torch.Tensor  # W_hat [D_in, D_out] as 2-bit codes (pack_ternary, on the CPU): what
+                                  # unmerge subtracts; packed so a whole model's markers cost 1/4 byte a weight
+    int_zeros: torch.Tensor      # the base's integer zero points z: what unmerge restores
+    stats: dict                  # counts of +1 / -1 / 0 markers and blocked codes
+
+    @property
+    def markers(self) -> torch.Tensor:
+        """W_hat, int8 [D_in, D_out]."""
+        return unpack_ternary(self.markers_packed, (self.layer.in_features, self.layer.out_features))
 
 
 def merge_ternary(t: TernaryLinear) -> MergedLayer:
@@ -47,7 +53,7 @@ def merge_ternary(t: TernaryLinear) -> MergedLayer:
     merged = QuantLinear.from_quantized(codes.to(torch.uint8), base.scales, merged_zeros(base.zeros, mu),
                                         base.g_idx, base.bits, base.group_size, base.bias)
     st = t.marker_stats()
-    return MergedLayer(merged, w_hat, base.zeros.detach().clone(),
+    return MergedLayer(merged, pack_ternary(w_hat), base.zeros.detach().clone(),
                        {"plus": st["plus"], "minus": st["minus"], "zero": st["zero"], "blocked": st["blocked"]})
 
 
@@ -59,9 +65,12 @@ def unmerge_layer(merged: QuantLinear, markers: torch.Tensor, int_zeros: torch.T
 
 @torch.no_grad()
 def unmerge_model(model: nn.Module, merged: dict[str, dict]) -> None:
-    """Undo a merge in place: ``merged`` maps layer names to their ``markers`` and ``int_zeros``."""
+    """Undo a merge in place: ``merged`` maps layer names to their ``markers_packed`` (pack_ternary's
+    words) and ``int_zeros``; one layer's markers are unpacked at a time."""
     for name, m in merged.items():
-        replace_module(model, name, unmerge_layer(model.get_submodule(name), m["markers"], m["int_zeros"]))
+        layer = model.get_submodule(name)
+        markers = unpack_ternary(m["markers_packed"], (layer.in_features, layer.out_features)).to(layer.qweight.device)
+        replace_module(model, name, unmerge_layer(layer, markers, m["int_zeros"]))
 
 
 @torch.no_grad()

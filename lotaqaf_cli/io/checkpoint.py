@@ -23,9 +23,10 @@ from torch import nn
 
 from .. import __version__
 from ..core.qlinear import QuantLinear, quantized_modules, replace_module
-from ..core.quant import pack_rows, pack_ternary, pack_zeros_v1, unpack_ternary, unpack_zeros_v1
+from ..core.quant import pack_rows, pack_zeros_v1, unpack_zeros_v1
 from ..errors import LotaqafError
 from .files import atomic_dir, file_sha256, read_safetensors, verify_manifest, write_manifest
+from .shards import rebuild_rotary
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -72,7 +73,7 @@ def gptq_tensors(name: str, m: QuantLinear, merged=None) -> dict[str, torch.Tens
     if m.bias is not None:
         out[f"{name}.bias"] = m.bias.detach()
     if merged is not None:
-        out[f"{name}.markers"] = pack_ternary(merged.markers)
+        out[f"{name}.markers"] = merged.markers_packed
     if not torch.equal(m.zeros.float(), int_zeros.float()):  # fractional zero points (merged model)
         out[f"{name}.zero_points"] = m.zeros.detach().float().contiguous()
     return out
@@ -232,7 +233,8 @@ def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float
     config.quantization_config = None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.device("meta"):  # nothing allocated for the 16-bit linears: they become QuantLinears below
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
 
     names = [k[: -len(".qweight")] for k in state if k.endswith(".qweight")]
     merged = {}
@@ -248,10 +250,11 @@ def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float
         int_zeros = unpack_zeros_v1(qzeros, bits, d_out).float()
         zeros = int_zeros if zero_points is None else zero_points.float()
         if markers is not None:  # a merged LoTA-QAF layer: what unmerge needs
-            merged[name] = {"markers": unpack_ternary(markers, (d_in, d_out)), "int_zeros": int_zeros}
+            merged[name] = {"markers_packed": markers, "int_zeros": int_zeros}
         replace_module(model, name, QuantLinear.from_packed(qweight, d_in, scales, zeros, g_idx, bits, group_size,
                                                          None if bias is None else bias.float()))
-    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False,
+                                                assign=True)
     quant_buffers = {f"{n}.{b}" for n in names for b in ("qweight", "scales", "zeros", "g_idx", "bias")}
     missing = [k for k in missing if k not in quant_buffers
                and not (k == "lm_head.weight" and config.tie_word_embeddings)]
@@ -260,6 +263,10 @@ def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float
                            f"unexpected {unexpected[:3]})")
     if config.tie_word_embeddings:
         model.tie_weights()
+    rebuild_rotary(model, torch.device("cpu"))
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise LotaqafError(f"{d}: checkpoint does not match its config (no tensor for {empty[:3]})")
     model.eval()
     tok = None
     if (d / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file():

@@ -101,10 +101,7 @@ class ShardedSource:
                                f"unexpected {unexpected[:3]})")
         if self.config.tie_word_embeddings:
             model.tie_weights()
-        # Non-persistent buffers (the rotary inverse frequencies) are not in the files: rebuild them.
-        rotary = model.model.rotary_emb
-        with torch.device(device):
-            model.model.rotary_emb = type(rotary)(config=model.config)
+        rebuild_rotary(model, device)
         return model.eval()
 
     def layer(self, i: int, skeleton: nn.Module, dtype: torch.dtype, device) -> nn.Module:
@@ -121,3 +118,11 @@ class ShardedSource:
         return layer.eval()
 
 
+
+
+def rebuild_rotary(model: nn.Module, device) -> None:
+    """A model built on the meta device: its non-persistent buffers (the rotary inverse frequencies)
+    are in no file, so build them anew on ``device``."""
+    rotary = model.model.rotary_emb
+    with torch.device(device):
+        model.model.rotary_emb = type(rotary)(config=model.config)

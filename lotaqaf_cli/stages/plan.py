@@ -28,6 +28,7 @@ class Plan:
     inputs: core.Inputs
     stages: list[core.Stage]
     config_source: str
+    can_stream: bool = False    # the source has safetensors shards (quant.stream=true would work)
 
     @property
     def peak(self) -> core.Stage:
@@ -47,17 +48,17 @@ def inputs(cfg: DictConfig, device_type: str, streamed: bool, max_positions: int
 
 
 def make(cfg: DictConfig, model_config, config_source: str, stages: list[str], device_type: str,
-         streamed: bool) -> Plan:
+         streamed: bool, can_stream: bool) -> Plan:
     shape = core.Shape.from_config(model_config)
     x = inputs(cfg, device_type, streamed, int(getattr(model_config, "max_position_embeddings", 4096) or 4096))
-    return Plan(shape, x, [s for s in core.plan(shape, x) if s.name in stages], config_source)
+    return Plan(shape, x, [s for s in core.plan(shape, x) if s.name in stages], config_source, can_stream)
 
 
-def _fix(p: Plan, stage: core.Stage) -> tuple[str, float] | None:
-    """The first change to the recipe that lowers ``stage``, and the stage's new figure."""
+def _fix(p: Plan, stage: core.Stage, capacity: float) -> tuple[str, float] | None:
+    """The first change to the recipe that brings ``stage`` within ``capacity`` bytes, and its new figure."""
     x = p.inputs
     tries = []
-    if stage.name == "quantize" and not x.streamed:
+    if stage.name == "quantize" and not x.streamed and p.can_stream:
         tries.append(("quant.stream=true (safetensors sources)", replace(x, streamed=True, source_held=False)))
     if stage.name == "train" and not x.checkpointing:
         tries.append(("optim.gradient_checkpointing=true", replace(x, checkpointing=True)))
@@ -69,7 +70,7 @@ def _fix(p: Plan, stage: core.Stage) -> tuple[str, float] | None:
         tries.append(("fewer calibration samples (calib.n_samples)", replace(x, calib_tokens=x.calib_tokens // 2)))
     for what, y in tries:
         new = next(s for s in core.plan(p.shape, y) if s.name == stage.name)
-        if new.total < stage.total:
+        if new.total <= capacity:
             return what, new.total
     return None
 
@@ -78,7 +79,7 @@ def check(p: Plan, capacity_gb: float, where: str) -> None:
     """Refuse, in one line, the first stage whose figure exceeds ``capacity_gb``."""
     for st in p.stages:
         if st.total > capacity_gb * core.GB:
-            fix = _fix(p, st)
+            fix = _fix(p, st, capacity_gb * core.GB)
             gpu = core.smallest_gpu(p.peak.total)
             hint = (f"set {fix[0]} (then {fix[1] / core.GB:.1f} GB)" if fix else
                     "use a device with more memory" + (f" ({gpu})" if gpu else ""))

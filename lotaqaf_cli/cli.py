@@ -120,6 +120,10 @@ def _run(args) -> int:
     return 0
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -135,7 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     except LotaqafError as e:  # interrupts.Interrupted too: exit 130 (SIGINT) or 143 (SIGTERM)
         if args.debug:
             raise
-        print(f"lotaqaf: {'' if isinstance(e, interrupts.Interrupted) else 'error: '}{e}", file=sys.stderr)
+        from . import dist
+
+        if isinstance(e, dist.Relayed) or (dist.launched() and _rank() != 0 and not dist.active()
+                                           and not isinstance(e, interrupts.Interrupted)):
+            return e.exit_code  # rank 0 says it (the same check failed there, or it relayed its error)
+        where = f" (rank {_rank()})" if dist.launched() else ""
+        print(f"lotaqaf{where}: {'' if isinstance(e, interrupts.Interrupted) else 'error: '}{e}", file=sys.stderr)
         return e.exit_code
     except OSError as e:  # disk full, permission denied... while reading or writing a file
         if args.debug or e.strerror is None:
@@ -143,6 +153,15 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"lotaqaf: error: {where}{e.strerror}", file=sys.stderr)
         return 2
+    except Exception as e:  # under torchrun: one line naming the failing rank, not a traceback per rank
+        from . import dist
+
+        if args.debug or not dist.launched():
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"lotaqaf (rank {_rank()}): error: {type(e).__name__}: {first} (--debug shows the traceback)",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # a signal before the handlers were installed
         print("lotaqaf: interrupted", file=sys.stderr)
         return 130

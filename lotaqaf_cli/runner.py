@@ -24,7 +24,7 @@ import lotaqaf_kernels as kernels
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import __version__, memory, ui
+from . import __version__, dist, memory, ui
 from .config import writable_dir
 from .data import selfgen, sft, shipped, textfile
 from .errors import LotaqafError
@@ -108,8 +108,12 @@ class Session:
 
     def text(self, role: str, section: DictConfig):
         """(token windows [n, seq_len], sha256) for calibration ("calib") or held-out perplexity
-        ("heldout"); self-generated text is cached by content."""
+        ("heldout"); self-generated text is cached by content. Under torch.distributed rank 0 makes
+        them and every rank gets rank 0's."""
         if role in self.windows:
+            return self.windows[role]
+        if dist.active():
+            self.windows[role] = dist.from_main(lambda: self.text(role, section))
             return self.windows[role]
         if section.source == "self":
             src = self.load_source()
@@ -153,7 +157,10 @@ class Session:
         return self._records
 
     def examples(self) -> list[dict]:
-        """Tokenized, prompt-masked training examples; self-distilled data is generated once and cached."""
+        """Tokenized, prompt-masked training examples; self-distilled data is generated once and cached.
+        Under torch.distributed rank 0 makes them and every rank gets rank 0's."""
+        if dist.active():
+            return dist.from_main(self.examples)
         d = self.cfg.data
         src = self.load_source(weights=d.source == "self_distill")
         if d.source == "self_distill":
@@ -221,6 +228,7 @@ def step_quantize(s: Session) -> None:
                   "settings": settings, "lotaqaf_version": __version__, "versions": versions()}
     if src.model is None:  # streamed: layer by layer from the shards, each layer written as it is done
         stats, chash = _quantize_streamed(s, calib, out_dir, provenance)
+        dist.barrier()  # rank 0 has renamed the checkpoint into place: every rank may read it
         s.timings["quantize_s"] = round(time.time() - t0, 1)
         s.base_info = {"settings": settings, "provenance": provenance, "content_hash": chash}
         if s.stages[-1:] != ["quantize"]:  # later stages need the base: its packed weights, read back
@@ -228,10 +236,10 @@ def step_quantize(s: Session) -> None:
                 s.base, _tok, s.base_info = s.cache.load_quantized(key)
             s.base.to(pick_device(cfg))
     else:
-        s.base, stats = quantize.quantize(src.model, calib, q, pick_device(cfg))
+        s.base, stats = quantize.quantize(src.model, calib, q, pick_device(cfg), split=_linear_split())
         s.timings["quantize_s"] = round(time.time() - t0, 1)
         with ui.status("writing the quantized checkpoint ..."):
-            chash = save_quantized(s.base, src.tokenizer, out_dir, settings, provenance)
+            chash = dist.from_main(lambda: save_quantized(s.base, src.tokenizer, out_dir, settings, provenance))
         s.base_info = {"settings": settings, "provenance": provenance, "content_hash": chash}
     per_kind = quantize.summarize(stats)
     quantize.show_table(per_kind)
@@ -255,14 +263,30 @@ def _quantize_streamed(s: Session, calib: torch.Tensor, out_dir: Path, provenanc
     check_arch(skeleton, cfg.model.path)
     quantize.check_model(skeleton, cfg.quant)
     def emit(i: int, layer: torch.nn.Module) -> None:
-        writer.add_layer(i, layer)
+        if dist.main():  # every rank holds the quantized layer; rank 0 writes it
+            writer.add_layer(i, layer)
         memory.trim_heap()
 
-    with sharded_checkpoint(out_dir, source.num_layers) as writer:
+    with sharded_checkpoint(out_dir, source.num_layers) if dist.main() else contextlib.nullcontext() as writer:
         stats = quantize.quantize_streamed(skeleton, lambda i: source.layer(i, skeleton, dtype, device), emit,
-                                           calib, cfg.quant, device)
-        chash = writer.finish(skeleton, s.tokenizer, quantize.settings(cfg.quant), provenance)
-    return stats, chash
+                                           calib, cfg.quant, device, split=_linear_split())
+        chash = writer.finish(skeleton, s.tokenizer, quantize.settings(cfg.quant), provenance) if dist.main() else None
+    return stats, dist.broadcast(chash)
+
+
+def _linear_split():
+    """(mine, share) for quantization over several ranks: rank r quantizes the linears k of each layer with
+    k mod ranks == r, and every rank receives all of them; None alone."""
+    if not dist.active():
+        return None
+
+    def share(results: dict) -> dict:
+        merged = {}
+        for part in dist.gather(results):
+            merged.update(part)
+        return merged
+
+    return (lambda k: k % dist.world() == dist.rank()), share
 
 
 def step_train(s: Session) -> None:
@@ -277,10 +301,11 @@ def step_train(s: Session) -> None:
     s.run.ensure()
     s.adapted, summary = train.train(s.base, examples, spec, cfg.optim, cfg.seed, s.run, data_seed=cfg.data.seed,
                                      resume=cfg.resume, pad_id=sft.pad_token_id(tok) if tok is not None else 0,
-                                     tensorboard_dir=s.run.tensorboard_dir)
+                                     tensorboard_dir=s.run.tensorboard_dir if dist.main() else None)
     s.timings["train_s"] = summary.pop("train_s")
     s.adapter_header = {**spec, "base_hash": s.base_info["content_hash"], "steps": cfg.optim.steps, "seed": cfg.seed}
-    save_adapter(s.adapted, s.run.adapter_file, s.adapter_header)
+    if dist.main():
+        save_adapter(s.adapted, s.run.adapter_file, s.adapter_header)
     s.run.write_record("train", {"adapter": s.adapter_header, "timings": dict(s.timings), **summary})
     ui.say(f"adapter written to {s.run.adapter_file} ({s.timings['train_s']} s of training)")
 
@@ -383,14 +408,38 @@ def run_command(command: str, cfg: DictConfig) -> None:
         torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(cfg.seed)
     kernels.set_mode(cfg.kernels)
-    {"train": cmd_chain, "quantize": cmd_chain, "merge": cmd_merge, "eval": cmd_eval,
-     "export": cmd_export, "plan": cmd_plan}[command](cfg, command)
+    if dist.launched():
+        start_distributed(command, cfg)
+    try:
+        _COMMANDS[command](cfg, command)
+    finally:
+        dist.finish()
+
+
+def start_distributed(command: str, cfg: DictConfig) -> None:
+    """Join torchrun's group, check that every rank runs the same resolved config and that the
+    ranks divide the step's micro-batches; ranks other than 0 print nothing but their errors."""
+    ranks = int(os.environ["WORLD_SIZE"])
+    if command not in ("train", "quantize"):
+        raise LotaqafError(f"`lotaqaf {command}` runs in one process; only train and quantize run under torchrun")
+    if command == "train" and "train" in cfg.stages and cfg.optim.grad_accum % ranks:
+        raise LotaqafError(f"optim.grad_accum={cfg.optim.grad_accum} is not a multiple of the {ranks} ranks: each "
+                           "rank runs optim.grad_accum / ranks micro-batches a step (set optim.grad_accum to a "
+                           f"multiple of {ranks}; the global batch is optim.batch_size x optim.grad_accum)")
+    dist.init(pick_device(cfg).type)
+    if not dist.main():
+        os.environ["LOTAQAF_QUIET"] = "1"
+    dist.same_on_all(OmegaConf.to_yaml(cfg, resolve=True), "the resolved config")
+
 
 
 def cmd_chain(cfg: DictConfig, command: str) -> None:
     stages = ["quantize"] if command == "quantize" else list(cfg.stages)
-    s = Session(cfg, RunDir.for_config(cfg), stages=stages)
-    preflight(s, stages)
+    if dist.active() and not dist.main():  # quantize and train run on every rank; what follows, on rank 0
+        stages = [st for st in stages if st in ("quantize", "train")]
+    run = RunDir(dist.from_main(lambda: str(RunDir.for_config(cfg).path)), cfg)  # rank 0 names it
+    s = Session(cfg, run, stages=stages)
+    dist.from_main(lambda: preflight(s, stages))
     name = stages[0]
     device, peaks = pick_device(cfg), {}
     try:
@@ -588,3 +637,7 @@ def cmd_export(cfg: DictConfig, _command: str) -> None:
     run.write_record(f"export-{fmt}", report)
     shown = {k: v for k, v in report.items() if k in ("max_abs_logit_diff", "perplexity", "max_weight_error")}
     ui.say(f"exported {fmt} to {out_dir}: {shown}")
+
+
+_COMMANDS = {"train": cmd_chain, "quantize": cmd_chain, "merge": cmd_merge, "eval": cmd_eval, "export": cmd_export,
+             "plan": cmd_plan}

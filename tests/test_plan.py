@@ -84,3 +84,12 @@ def test_plan_command_prints_the_stages(capsys):
     for stage in ("quantize", "train", "ppl", "merge", "eval"):
         assert stage in out
     assert "smallest single GPU" in out
+
+
+def test_chain_records_measured_peaks_beside_the_plan(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "recipe=smoke", "run.dir=runs/m"]) == 0
+    rec = json.loads((tmp_path / "runs/m/memory.json").read_text())
+    stages = ["quantize", "train", "ppl", "merge"]
+    assert list(rec["peak_gb"]) == stages and all(v > 0 for v in rec["peak_gb"].values())
+    assert list(rec["plan"]["stages"]) == stages and rec["plan"]["device"] == "cpu"

@@ -162,14 +162,15 @@ def plan(shape: Shape, x: Inputs) -> list[Stage]:
 
     forward = x.ppl_tokens * (logits * 2 + shape.act_elems() * act)
     p = Stage("ppl", {"runtime": runtime, "source (held)": held_source, "base + adapted": 2 * base,
-                      "forward (one batch)": forward})
+                      "adapter, gradients, optimizer": adapter, "forward (one batch)": forward})
     # merge drops the base (the adapted model holds it) and swaps the merged model for the checkpoint
     # read back once it is verified: two models at a time on the device (the file's bytes are host memory).
     m = Stage("merge", {"runtime": runtime, "source (held)": held_source, "adapted + merged": 2 * base,
-                        "forward (one batch)": forward})
+                        "adapter, gradients, optimizer": adapter, "forward (one batch)": forward})
     if x.device == "cpu":  # the checkpoint's bytes while safetensors writes them, and the packed markers
         m.parts["checkpoint being written"] = base + shape.layers * sum(a * b for a, b in shape.linears()) / 4
     e = Stage("eval", {"runtime": runtime, "source (held)": held_source, "adapted + merged": 2 * base,
+                       "adapter, gradients, optimizer": adapter,
                        "forward (one batch)": x.eval_tokens * (logits * 2 + shape.act_elems() * act)})
     return [q, t, p, m, e]
 

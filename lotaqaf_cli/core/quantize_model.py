@@ -88,22 +88,32 @@ def _sequential_groups(linears: dict, true_sequential: bool) -> list[list[str]]:
 def quantize_layer(layer: nn.Module, li: int, inputs: list[tuple], *, bits: int, group_size: int,
                    method: str = "gptq", act_order: bool = False, static_groups: bool = False,
                    true_sequential: bool = False, damp_percent: float = 0.01, block_size: int = 128,
-                   device: str | torch.device = "cpu") -> list[LayerStat]:
+                   device: str | torch.device = "cpu", mine=None, share=None) -> list[LayerStat]:
     """Quantize decoder layer ``li`` in place (every nn.Linear -> QuantLinear) from its calibration
     ``inputs`` [(hidden, kwargs)], then replace each entry of ``inputs`` by the quantized layer's output
-    (one batch at a time, so the activations are held once): the next layer's inputs."""
+    (one batch at a time, so the activations are held once): the next layer's inputs.
+
+    Several processes share the work through ``mine(k)`` (does this process quantize the layer's k-th
+    linear?) and ``share(results)`` (every process's {name: result} merged): each linear is
+    quantized by one process, from the same inputs as alone, so the codes do not depend on how many
+    processes there are."""
     device = torch.device(device)
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    index = {n: k for k, n in enumerate(linears)}
+    mine = mine or (lambda k: True)
     stats: list[LayerStat] = []
     for names in _sequential_groups(linears, true_sequential):
-        acc = {n: HessianAccumulator(linears[n].in_features, device) for n in names}
+        own = [n for n in names if mine(index[n])]
+        acc = {n: HessianAccumulator(linears[n].in_features, device) for n in own}
         handles = [linears[n].register_forward_pre_hook(lambda _m, a, n=n, acc=acc: acc[n].add_batch(a[0]))
-                   for n in names]
-        for hidden, kw in inputs:
-            _call_layer(layer, hidden, kw)
+                   for n in own]
+        if own:
+            for hidden, kw in inputs:
+                _call_layer(layer, hidden, kw)
         for h in handles:
             h.remove()
-        for n in names:
+        results = {}
+        for n in own:
             lin = linears[n]
             W, H = lin.weight.data, acc[n].H
             rtn = rtn_quantize(W.t(), bits, group_size)
@@ -117,10 +127,16 @@ def quantize_layer(layer: nn.Module, li: int, inputs: list[tuple], *, bits: int,
             q = QuantLinear.from_quantized(codes, scales, zeros, g_idx, bits, group_size,
                                            None if lin.bias is None else lin.bias.data.float())
             q_w = q.dequantize().t().to(W.device)
-            stats.append(LayerStat(f"model.layers.{li}.{n}", n.rsplit(".", 1)[-1],
-                                   output_error(W, q_w, H), output_error(W, rtn_w, H)))
-            replace_module(layer, n, q.to(device))
-            del acc[n], lin, W, H
+            packed = (q.qweight, q.in_features, q.scales, q.zeros, q.g_idx, bits, group_size, q.bias)
+            results[n] = (packed, LayerStat(f"model.layers.{li}.{n}", n.rsplit(".", 1)[-1],
+                                            output_error(W, q_w, H), output_error(W, rtn_w, H)))
+            del acc[n], lin, W, H, q, q_w
+        if share is not None:  # plain tensors and numbers travel between processes, not modules
+            results = share(results)
+        for n in names:
+            packed, stat = results[n]
+            stats.append(stat)
+            replace_module(layer, n, QuantLinear.from_packed(*packed).to(device))
     for j, (hidden, kw) in enumerate(inputs):
         inputs[j] = (_call_layer(layer, hidden, kw), kw)
     return stats

@@ -22,6 +22,7 @@ import datetime as _dt
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import shutil
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from .. import dist
 from ..errors import LotaqafError
 from .checkpoint import is_checkpoint, load_quantized
 from .files import atomic_dir, atomic_file, write_json_atomic, write_text_atomic
@@ -119,8 +121,9 @@ class Cache:
         from safetensors.torch import save_file
 
         path = self.text_file(key)
-        with atomic_file(path) as tmp:
-            save_file({"input_ids": windows.contiguous()}, str(tmp))
+        if dist.main():
+            with atomic_file(path) as tmp:
+                save_file({"input_ids": windows.contiguous()}, str(tmp))
         return path
 
     def sft_file(self, key: str) -> Path:
@@ -132,7 +135,8 @@ class Cache:
 
     def save_sft(self, key: str, records: list[dict]) -> Path:
         path = self.sft_file(key)
-        write_json_atomic(path, records)
+        if dist.main():
+            write_json_atomic(path, records)
         return path
 
     def quantized_dir(self, key: str) -> Path:
@@ -199,7 +203,10 @@ class RunDir:
                                f"(differs in {', '.join(diff[:5])}); choose another run.dir")
 
     def ensure(self) -> Path:
-        """Create the directory with its config.yaml and versions.json (once)."""
+        """Create the directory with its config.yaml and versions.json (once). Under torch.distributed
+        only rank 0 writes a run's files (here and below); the other ranks' writes are no-ops."""
+        if not dist.main():
+            return self.path
         self.path.mkdir(parents=True, exist_ok=True)
         if self.cfg is not None and not (self.path / CONFIG).is_file():
             write_text_atomic(self.path / CONFIG, OmegaConf.to_yaml(self.cfg, resolve=True))
@@ -214,12 +221,13 @@ class RunDir:
             raise ValueError(f"not a record of a run: {name}")
         self.ensure()
         path = self.path / f"{name}.json"
-        write_json_atomic(path, obj)
+        if dist.main():
+            write_json_atomic(path, obj)
         return path
 
     def mark(self, state: str, **info) -> None:
         """Record how the run's last invocation ended (done | failed | interrupted), if it wrote anything."""
-        if self.path.is_dir():
+        if self.path.is_dir() and dist.main():
             write_json_atomic(self.path / "status.json", {"state": state, **info})
 
     def failed(self) -> bool:
@@ -234,10 +242,13 @@ class RunDir:
 
     def write_text(self, name: str, text: str) -> Path:
         self.ensure()
-        write_text_atomic(self.path / name, text)
+        if dist.main():
+            write_text_atomic(self.path / name, text)
         return self.path / name
 
     def log(self, line: str) -> None:
+        if not dist.main():
+            return
         self.ensure()
         stamp = _dt.datetime.now().isoformat(timespec="seconds")
         with open(self.path / LOG, "a") as f:
@@ -271,6 +282,8 @@ class RunDir:
 
     def save_checkpoint(self, step: int, state: dict) -> None:
         """A training checkpoint, atomically; the newest two are kept."""
+        if not dist.main():
+            return
         final = self.ensure() / CHECKPOINTS / f"step_{step:06d}"
         with atomic_dir(final) as tmp:
             torch.save(state, tmp / "state.pt")
@@ -283,6 +296,8 @@ class RunDir:
 
     def open_metrics(self, keep_steps: int):
         """metrics.jsonl for appending, after dropping rows past ``keep_steps`` (redone on resume)."""
+        if not dist.main():
+            return open(os.devnull, "a")
         path = self.ensure() / METRICS
         if path.exists():
             rows = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= keep_steps]

@@ -56,23 +56,28 @@ def check_model(model: torch.nn.Module, quant: DictConfig) -> None:
     check_shapes({n: (m.in_features, m.out_features) for n, m in linear_layers(model).items()}, quant)
 
 
-def quantize(model: torch.nn.Module, windows: torch.Tensor, quant: DictConfig, device: torch.device):
-    """A quantized deep copy of ``model`` (the source stays 16-bit) and the per-layer statistics."""
+def quantize(model: torch.nn.Module, windows: torch.Tensor, quant: DictConfig, device: torch.device,
+             split=None):
+    """A quantized deep copy of ``model`` (the source stays 16-bit) and the per-layer statistics.
+    ``split``: (mine, share) when several processes share the linears (core.quantize_model)."""
     check_model(model, quant)
     q = copy.deepcopy(model)
+    mine, share = split or (None, None)
     with ui.progress_bar(_label(quant), len(q.model.layers), unit="layers") as adv:
         stats = qm.quantize_model(q, list(windows.split(quant.batch_size)), device=device,
-                                  progress=lambda *_: adv(1), **settings(quant))
+                                  progress=lambda *_: adv(1), mine=mine, share=share, **settings(quant))
     return q, stats
 
 
 def quantize_streamed(skeleton: torch.nn.Module, load_layer, emit_layer, windows: torch.Tensor, quant: DictConfig,
-                      device: torch.device):
+                      device: torch.device, split=None):
     """The same quantization with one decoder layer in memory at a time: ``load_layer(i)`` reads layer
     i, ``emit_layer(i, layer)`` writes it quantized (the checkpoint grows shard by shard)."""
+    mine, share = split or (None, None)
     with ui.progress_bar(_label(quant) + ", streamed", len(skeleton.model.layers), unit="layers") as adv:
         return qm.quantize_streamed(skeleton, list(windows.split(quant.batch_size)), load_layer, emit_layer,
-                                    device=device, progress=lambda *_: adv(1), **settings(quant))
+                                    device=device, progress=lambda *_: adv(1), mine=mine, share=share,
+                                    **settings(quant))
 
 
 def summarize(stats) -> dict:

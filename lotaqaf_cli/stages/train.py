@@ -26,7 +26,7 @@ import time
 import torch
 from omegaconf import DictConfig
 
-from .. import interrupts, ui
+from .. import dist, interrupts, ui
 from ..core.ternary import TernaryLinear
 from ..core.tsignsgd import TSignSGD
 from ..data.sft import SFTBatches
@@ -85,8 +85,11 @@ def train(base: torch.nn.Module, examples: list[dict], spec: dict, optim: DictCo
         start = state["step"]
         ui.say(f"resuming from {where} (step {start} of {optim.steps})")
 
+    rank, ranks = dist.rank(), dist.world()
+    params = [p for g in opt.param_groups for p in g["params"]]
     ui.say(f"training {spec['kind']} on {len(names)} layers, {optim.steps} steps x batch {optim.batch_size}"
-           f" x accum {optim.grad_accum}, {len(examples)} examples")
+           f" x accum {optim.grad_accum}, {len(examples)} examples"
+           + (f", {ranks} ranks ({optim.grad_accum // ranks} micro-batches each per step)" if ranks > 1 else ""))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     tb = tensorboard_writer(tensorboard_dir)
     t_start = time.time()
@@ -96,13 +99,21 @@ def train(base: torch.nn.Module, examples: list[dict], spec: dict, optim: DictCo
         for step in range(start, optim.steps):
             t0 = time.time()
             loss_sum, n_tok = 0.0, 0
-            for _ in range(optim.grad_accum):
-                b = {k: v.to(device) for k, v in next(batches).items()}
+            for i in range(optim.grad_accum):
+                b = next(batches)      # every rank walks the whole stream: the data position stays global
+                if i % ranks != rank:  # micro-batch i of the step is rank (i mod ranks)'s
+                    continue
+                b = {k: v.to(device) for k, v in b.items()}
                 with autocast:
                     loss = model(**b).loss
                 (loss / optim.grad_accum).backward()
                 loss_sum += loss.item() / optim.grad_accum
                 n_tok += int(b["attention_mask"].sum())
+            if ranks > 1:  # the adapters' gradients summed over the ranks: every rank then takes the same step
+                dist.all_reduce_sum([p.grad for p in params if p.grad is not None])
+                totals = torch.tensor([loss_sum, float(n_tok)], dtype=torch.float64)
+                dist.all_reduce_sum([totals])
+                loss_sum, n_tok = float(totals[0]), int(totals[1])
             if optim.name == "adamw" and optim.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], optim.max_grad_norm)
             opt.step()
@@ -119,6 +130,10 @@ def train(base: torch.nn.Module, examples: list[dict], spec: dict, optim: DictCo
                         tb.add_scalar(f"train/{k}", v, row["step"])
             adv(1, tokens_per_s=row["tokens_per_s"])
             signum = interrupts.pending()
+            if ranks > 1:  # every rank stops after the same step
+                flag = torch.tensor([0.0 if signum is None else float(signum)])
+                dist.all_reduce_sum([flag])
+                signum = signum or (signal.SIGTERM if flag[0] else None)
             if (step + 1) % optim.save_every == 0 or step + 1 == optim.steps or signum is not None:
                 store.save_checkpoint(step + 1, {
                     "step": step + 1, "adapter": adapter_state(model), "optimizer": opt.state_dict(),
@@ -130,7 +145,9 @@ def train(base: torch.nn.Module, examples: list[dict], spec: dict, optim: DictCo
     if tb is not None:
         tb.close()
     model.eval()
-    summary = {"examples": len(examples), "train_s": round(time.time() - t_start, 1)}
+    summary = {"examples": len(examples), "train_s": round(time.time() - t_start, 1), "ranks": ranks}
+    if ranks > 1:
+        summary["allreduce_bytes_per_step"] = sum(p.numel() * p.element_size() for p in params) + 16
     if spec["kind"] == "lota":
         summary["codes_changed"] = code_change_table(model)
     return model, summary

@@ -8,7 +8,8 @@
 #   bash scripts/gpu_check.sh --dry-run [OUT]        # any machine: the same steps on CPU with a tiny model
 #   bash scripts/gpu_check.sh --download-wheels      # what `make gpu-wheels` runs
 #
-# Budget: under 8 minutes on an H200 (the CUDA tests about 1-2 min, bench_gpu.py a few minutes).
+# Budget: under 9 minutes on an H200 (the CUDA tests about 1-2 min, bench_gpu.py a few minutes, the streamed
+# 8B-shape quantization about a minute, the torchrun check seconds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -52,4 +53,18 @@ if [ $dry = 1 ]; then
 else
   $PY scripts/bench_gpu.py --out "$OUT"
 fi
+# 5. streamed quantization of Llama-3.1-8B's layer shape (seconds per layer, peak GPU memory): OUT/stream.md
+if [ $dry = 1 ]; then
+  $PY scripts/bench_stream.py --llama8b 2 --dry-run --out "$OUT"
+else
+  $PY scripts/bench_stream.py --llama8b 4 --out "$OUT"
+fi
+
+# 6. torch.distributed: one rank through torchrun (NCCL on the GPU, gloo in the dry run), train on the smoke model
+dev=cuda; [ $dry = 1 ] && dev=cpu
+OMP_NUM_THREADS=1 LOTAQAF_QUIET=1 $PY -m torch.distributed.run --nproc_per_node=1 --master_port=29531 \
+  -m lotaqaf_cli train recipe=smoke "stages=[quantize,train]" device=$dev optim.steps=2 \
+  run.root="$OUT/dist" run.dir="$OUT/dist/run" > "$OUT/dist.log" 2>&1
+$PY -c "import json,sys; t=json.load(open('$OUT/dist/run/train.json')); print('| torchrun, 1 rank ($dev) | train ok, ranks', t['ranks'], '|')" | tee "$OUT/dist.md"
+cat "$OUT/stream.md" "$OUT/dist.md" >> "$OUT/gpu.md"
 echo "gpu_check: done; $OUT/gpu.md is the table for docs/results/gpu.md"

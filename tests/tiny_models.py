@@ -40,9 +40,12 @@ def tiny_model_dir(path: Path) -> Path:
 
 
 def random_model_dir(path: Path, layers: int, hidden: int = 1024, intermediate: int = 2816,
-                     shard_mb: float = 200) -> Path:
-    """A random-weight Llama (fp32, vocab 256, the tiny tokenizer) saved as safetensors shards of about
-    ``shard_mb`` MB, written layer by layer so that making it never holds more than one layer."""
+                     shard_mb: float = 200, heads: int | None = None, kv_heads: int | None = None,
+                     head_dim: int = 64, dtype: str = "float32") -> Path:
+    """A random-weight Llama (vocab 256, the tiny tokenizer; heads of 64 by default) saved as
+    safetensors shards of about ``shard_mb`` MB, written layer by layer so that making it never holds
+    more than one layer. Llama-3.1-8B's shape: hidden 4096, intermediate 14336, heads 32, kv_heads 8,
+    head_dim 128."""
     import json
 
     import torch
@@ -51,17 +54,19 @@ def random_model_dir(path: Path, layers: int, hidden: int = 1024, intermediate: 
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     cfg = LlamaConfig(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=intermediate,
-                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128, head_dim=64,
-                      vocab_size=256, max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1,
+                      num_attention_heads=heads or hidden // head_dim,
+                      num_key_value_heads=kv_heads or hidden // (2 * head_dim), head_dim=head_dim,
+                      vocab_size=256, max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=1,
                       eos_token_id=2, pad_token_id=0, architectures=["LlamaForCausalLM"])
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    pending: dict = {"model.embed_tokens.weight": torch.randn(256, hidden) * 0.02, "model.norm.weight": torch.ones(hidden)}
+    pending: dict = {"model.embed_tokens.weight": (torch.randn(256, hidden) * 0.02).to(getattr(torch, dtype)),
+                     "model.norm.weight": torch.ones(hidden, dtype=getattr(torch, dtype))}
     shards: list[dict] = []
     for i in range(layers):
-        layer = LlamaDecoderLayer(cfg, layer_idx=i)
+        layer = LlamaDecoderLayer(cfg, layer_idx=i).to(getattr(torch, dtype))
         pending.update({f"model.layers.{i}.{k}": v.detach().clone() for k, v in layer.state_dict().items()})
-        if sum(t.numel() * 4 for t in pending.values()) >= shard_mb * 2**20 or i == layers - 1:
+        if sum(t.numel() * t.element_size() for t in pending.values()) >= shard_mb * 2**20 or i == layers - 1:
             shards.append(dict.fromkeys(pending, len(shards)))
             save_file(pending, str(path / f"shard-{len(shards) - 1}.safetensors"))
             pending = {}

@@ -262,6 +262,7 @@ def _quantize_streamed(s: Session, calib: torch.Tensor, out_dir: Path, provenanc
         skeleton = source.skeleton(dtype, device)
     check_arch(skeleton, cfg.model.path)
     quantize.check_model(skeleton, cfg.quant)
+
     def emit(i: int, layer: torch.nn.Module) -> None:
         if dist.main():  # every rank holds the quantized layer; rank 0 writes it
             writer.add_layer(i, layer)

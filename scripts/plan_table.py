@@ -24,8 +24,9 @@ def main() -> None:
     args = ap.parse_args()
     device = ["plan.device_gb=1000"] if args.device == "cuda" else ["device=cpu"]
     stages = ("quantize", "train", "ppl", "merge", "eval")
-    print("| recipe | bits | " + " | ".join(f"{s} GB" for s in stages) + " | peak GB | smallest single GPU |")
-    print("|---|---|" + "---|" * (len(stages) + 2))
+    print("| recipe | bits | " + " | ".join(f"{s} GB" for s in stages)
+          + " | train, checkpointing switched GB | peak GB | smallest single GPU |")
+    print("|---|---|" + "---|" * (len(stages) + 3))
     for name, _ in list_recipes():
         if name == "smoke":
             continue
@@ -34,6 +35,8 @@ def main() -> None:
             p, _, _ = make_plan(cfg, list(cfg.stages))
             s = summary(p, None)
             cells = [f"{s['stages'][k]['gb']:.1f}" for k in stages]
+            other = next(k for k in s if k.startswith("train_checkpointing_"))
+            cells.append(f"{s[other]:.1f} ({other.split('_')[2]})")
             print(f"| {name} | {cfg.quant.bits} | " + " | ".join(cells) + f" | {s['peak_gb']:.1f} | "
                   f"{s['smallest_gpu'] or 'none single'} |")
 

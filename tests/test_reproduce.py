@@ -25,7 +25,7 @@ def _script():
 def test_reproduce_quick(tmp_path, smollm2_loaded):
     rep = _script()
     out = tmp_path / "results" / "smollm2_quick"
-    args = rep.parse_args(["--quick", "--root", str(tmp_path / "runs"), "--out", str(out)])
+    args = rep.parse_args(["--quick", "--steps", "3", "--root", str(tmp_path / "runs"), "--out", str(out)])
     res = rep.reproduce(args, source=smollm2_loaded)
     paths = rep.write_outputs(res, args.out)
 

@@ -4,7 +4,7 @@ layer at a time, each quantized layer written as its own shard.
 - The codes (and every other quantized tensor) equal those of the in-memory path on the same model
   and calibration, for plain GPTQ and for act-order + true-sequential.
 - Peak resident memory, measured in a fresh process, does not grow with the number of layers: a
-  random-weight model with 8 layers peaks within one layer's size of the same model with 2 layers
+  random-weight model with 12 layers peaks within two layers' size of the same model with 2 layers
   (the in-memory path grows by about two layers per layer: the loaded model and its quantized copy).
 - A shard that cannot be read ends in one line, exit 2, and no half-written checkpoint (a source
   without safetensors and quant.stream=true: tests/test_errors.py).
@@ -83,7 +83,8 @@ print(json.dumps({"rc": rc, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).
 def _peak_mb(model: Path, root: Path, run_root: str) -> float:
     args = ["quantize", "recipe=smoke", f"model.path={model}", "quant.stream=true", "device=cpu",
             f"run.root={run_root}", *SMALL]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOTAQAF_QUIET": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LOTAQAF_KERNELS")}  # as a user runs it
+    env.update(OMP_NUM_THREADS="1", LOTAQAF_QUIET="1")
     out = subprocess.run([sys.executable, "-c", DRIVER, *args], capture_output=True, text=True, env=env, cwd=root,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -98,7 +99,7 @@ def test_streamed_peak_memory_does_not_grow_with_layers(tiny, tmp_path):
     hidden, inter = 512, 1408
     layer_mb = (3 * hidden * hidden + 3 * hidden * inter) * 4 / 2**20    # q, o + k, v at half width; MLP
     peaks = {n: _peak_mb(random_model_dir(tmp_path / f"m{n}", n, hidden, inter, shard_mb=40), root, f"mem{n}")
-             for n in (2, 8)}
-    # The bound: whatever 2 layers need, 8 layers need less than one more layer's fp32 weights (plus
-    # 16 MB of allocator noise). Holding the model would add 6 layers (the in-memory path: 12).
-    assert peaks[8] <= peaks[2] + layer_mb + 16, (peaks, layer_mb)
+             for n in (2, 12)}
+    # The bound: whatever 2 layers need, 12 layers need less than two more layers' fp32 weights plus
+    # 16 MB of allocator noise. Holding the model would add 10 layers (the in-memory path: 20).
+    assert peaks[12] <= peaks[2] + 2 * layer_mb + 16, (peaks, layer_mb)

@@ -29,6 +29,11 @@ class Plan:
     stages: list[core.Stage]
     config_source: str
     can_stream: bool = False    # the source has safetensors shards (quant.stream=true would work)
+    train_other: core.Stage | None = None   # the train stage with gradient checkpointing switched
+
+    @property
+    def other_label(self) -> str:
+        return f"train, checkpointing {'off' if self.inputs.checkpointing else 'on'}"
 
     @property
     def peak(self) -> core.Stage:
@@ -51,7 +56,9 @@ def make(cfg: DictConfig, model_config, config_source: str, stages: list[str], d
          streamed: bool, can_stream: bool) -> Plan:
     shape = core.Shape.from_config(model_config)
     x = inputs(cfg, device_type, streamed, int(getattr(model_config, "max_position_embeddings", 4096) or 4096))
-    return Plan(shape, x, [s for s in core.plan(shape, x) if s.name in stages], config_source, can_stream)
+    other = next(s for s in core.plan(shape, replace(x, checkpointing=not x.checkpointing)) if s.name == "train")
+    return Plan(shape, x, [s for s in core.plan(shape, x) if s.name in stages], config_source, can_stream,
+                other if "train" in stages else None)
 
 
 def _fix(p: Plan, stage: core.Stage, capacity: float) -> tuple[str, float] | None:
@@ -95,7 +102,9 @@ def summary(p: Plan, capacity_gb: float | None) -> dict:
             "stages": {s.name: {"gb": round(s.total / core.GB, 2),
                                 "parts_gb": {k: round(v / core.GB, 3) for k, v in s.parts.items()}}
                        for s in p.stages},
-            "peak_gb": round(p.peak.total / core.GB, 2), "smallest_gpu": core.smallest_gpu(p.peak.total)}
+            "peak_gb": round(p.peak.total / core.GB, 2), "smallest_gpu": core.smallest_gpu(p.peak.total),
+            **({"train_checkpointing_" + ("off" if p.inputs.checkpointing else "on") + "_gb":
+                round(p.train_other.total / core.GB, 2)} if p.train_other else {})}
 
 
 def show(p: Plan, capacity_gb: float | None, where: str) -> None:
@@ -107,6 +116,10 @@ def show(p: Plan, capacity_gb: float | None, where: str) -> None:
         top = sorted(s.parts.items(), key=lambda kv: -kv[1])[:3]
         fits = "-" if capacity_gb is None else ("yes" if s.total <= capacity_gb * core.GB else "[red]no[/red]")
         t.add_row(s.name, f"{s.total / core.GB:.2f}", ", ".join(f"{k} {v / core.GB:.2f}" for k, v in top), fits)
+    if p.train_other is not None:  # the alternative, not what this recipe runs
+        o = p.train_other
+        fits = "-" if capacity_gb is None else ("yes" if o.total <= capacity_gb * core.GB else "[red]no[/red]")
+        t.add_row(f"[dim]({p.other_label})[/dim]", f"[dim]{o.total / core.GB:.2f}[/dim]", "", fits)
     ui.console.print(t)
     gpu = core.smallest_gpu(p.peak.total)
     ui.console.print(f"peak: {p.peak.name} {p.peak.total / core.GB:.1f} GB; smallest single GPU that runs it: "

@@ -7,8 +7,9 @@ shards: streamed (one decoder layer at a time) vs in memory (the whole model loa
                                                            # streamed; seconds per layer, peak GPU memory
     python scripts/bench_stream.py --llama8b 2 --dry-run --out DIR   # the same steps on CPU, a tiny shape
 
-Each run is its own process (`lotaqaf quantize ... quant.stream=true|false`), and its peak resident
-set (ru_maxrss) is what is printed; the growth per added layer is the memory that depends on depth.
+Each run is its own process (`lotaqaf quantize ... quant.stream=true|false`); what is printed is the
+quantize stage's peak resident set (VmHWM, reset when the stage starts); the growth per added layer
+is the memory that depends on depth.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 DRIVER = """
-import resource, sys, json
+import json, sys
 from lotaqaf_cli.cli import main
 rc = main(sys.argv[1:])
-print(json.dumps({"rc": rc, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM, not ru_maxrss: the latter keeps the launching process's resident set from before exec
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"rc": rc, "peak_mb": hwm / 1024}))
 """
 
 

@@ -6,6 +6,7 @@
   rank from the same inputs).
 - A two-rank run killed (SIGKILL) mid-training resumes on one rank and on two ranks to the adapter
   of an uninterrupted run: the data position in a checkpoint is global.
+- The same for streamed quantization (a safetensors source read layer by layer, rank 0 writing).
 - Ranks with different configs are refused, rank 0 naming the odd rank; a micro-batch count the
   ranks do not divide is refused before the group starts.
 """
@@ -129,3 +130,17 @@ def test_all_reduce_and_config_mismatch_on_gloo(tmp_path):
         assert torch.equal(r["sum"][0], torch.tensor([3.0, 4.0])) and torch.equal(r["sum"][1], torch.tensor([[0.5]]))
     assert r0["err"][0] == "LotaqafError" and "differs between ranks (rank 1 vs rank 0)" in r0["err"][1]
     assert r1["err"][0] == "Relayed"   # rank 1 stops too, silently: rank 0 says it
+
+
+def test_streamed_quantization_on_two_ranks_equals_one(tmp_path):
+    from tiny_models import corpus, random_model_dir
+
+    model = random_model_dir(tmp_path / "m", layers=2, hidden=128, intermediate=256, shard_mb=0.5)
+    (tmp_path / "text.txt").write_text("\n".join(corpus()) + "\n")
+    args = ["quantize", "recipe=smoke", f"model.path={model}", "calib=file", "calib.path=text.txt",
+            "calib.n_samples=4", "calib.seq_len=32", "quant.batch_size=2"]
+    for ranks in (1, 2):
+        res = _run(ranks, [*args, f"run.root=s{ranks}"], tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert (next((tmp_path / "s2/_cache/quantized").iterdir()) / "model.safetensors.index.json").is_file()
+    assert _quantized(tmp_path / "s2") == _quantized(tmp_path / "s1")

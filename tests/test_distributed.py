@@ -6,7 +6,8 @@
   rank from the same inputs).
 - A two-rank run killed (SIGKILL) mid-training resumes on one rank and on two ranks to the adapter
   of an uninterrupted run: the data position in a checkpoint is global.
-- The same for streamed quantization (a safetensors source read layer by layer, rank 0 writing).
+- Streamed quantization (a safetensors source read layer by layer, rank 0 writing) on two ranks
+  gives the one-rank codes too.
 - Ranks with different configs are refused, rank 0 naming the odd rank; a micro-batch count the
   ranks do not divide is refused before the group starts.
 """

@@ -24,13 +24,6 @@ from ..errors import LotaqafError
 LAYER_PREFIX = "model.layers."
 
 
-def is_streamable(directory: str | Path) -> bool:
-    """A local Hugging Face directory whose weights are safetensors (one file or an index of shards)."""
-    d = Path(directory)
-    return (d / "config.json").is_file() and (
-        (d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file())
-
-
 class ShardedSource:
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)

@@ -45,6 +45,11 @@ from .stages import evaluate, export, merge, quantize, train
 RUN_MODELS = ("16bit", "gptq", "adapter", "merged")
 
 
+def streams(cfg: DictConfig) -> bool:
+    """Quantization reads the source layer by layer (quant.stream; auto: safetensors sources)."""
+    return cfg.quant.stream is True or (cfg.quant.stream == "auto" and streamable(cfg.model.path))
+
+
 def pick_device(cfg: DictConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise LotaqafError("device=cuda but no CUDA device is available (use device=cpu or device=auto)")
@@ -93,12 +98,6 @@ class Session:
                 self.timings["load_s"] = round(time.time() - t0, 1)
                 ui.say(f"loaded {self.cfg.model.path} ({self.source.kind}) in {self.timings['load_s']} s")
         return self.source
-
-    @property
-    def streamed(self) -> bool:
-        """Quantization reads the source layer by layer (quant.stream; auto: safetensors sources)."""
-        stream = self.cfg.quant.stream
-        return stream is True or (stream == "auto" and streamable(self.cfg.model.path))
 
     def heldout(self) -> torch.Tensor | None:
         """The held-out windows this session made, else the run's cached ones (never generated here)."""
@@ -193,7 +192,7 @@ def step_quantize(s: Session) -> None:
     if s.base is not None:
         return
     cfg, q = s.cfg, s.cfg.quant
-    src = s.load_source(weights=not s.streamed)
+    src = s.load_source(weights=not streams(cfg))
     if src.quantized:
         ui.say(f"{cfg.model.path} is already a GPTQ checkpoint: skipping quantization")
         s.base, s.base_info = src.model, src.info
@@ -504,9 +503,7 @@ def make_plan(cfg: DictConfig, stages: list[str]):
     named = cfg.plan.device_gb is not None
     device_type = "cpu" if cfg.device == "cpu" or (not named and device.type == "cpu") else "cuda"
     mc, where_config = model_config(cfg.model.path)
-    stream = cfg.quant.stream
-    streamed = stream is True or (stream == "auto" and streamable(cfg.model.path))
-    p = plan.make(cfg, mc, where_config, stages, device_type, streamed, streamable(cfg.model.path))
+    p = plan.make(cfg, mc, where_config, stages, device_type, streams(cfg), streamable(cfg.model.path))
     if named:
         return p, float(cfg.plan.device_gb), f"plan.device_gb={cfg.plan.device_gb:g}"
     cap = memory.capacity_bytes(device)

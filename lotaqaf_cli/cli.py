@@ -18,7 +18,7 @@ COMMANDS = {
     "quantize": "GPTQ-quantize the recipe's model (cached by content)",
     "merge": "merge a trained adapter losslessly into its quantized base",
     "eval": "evaluate a model (MMLU 5-shot via lm-eval or the fast scorer, held-out perplexity)",
-    "export": "export a merged model (gptq, gguf, hf16)",
+    "export": "export a merged model (gguf, torchao, gptq, hf16) and check it in the engines that serve it",
     "plan": "the memory each stage of the recipe needs, from the model's config alone (plan.device_gb=80)",
 }
 
@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--no-verify", action="store_true", default=None, help="merge: merge.verify=false")
     p.add_argument("--unmerge", action="store_true", default=None, help="merge: merge.unmerge=true")
-    p.add_argument("--format", default=None, help="export: export.format (gptq | gguf | hf16)")
+    p.add_argument("--format", default=None, help="export: export.format (gguf | torchao | gptq | hf16)")
     p.add_argument("--allow-lossy", action="store_true", default=None, help="export: export.allow_lossy=true")
     p.add_argument("--tasks", default=None, help="eval: eval.tasks, comma-separated (mmlu, ppl, gsm8k)")
     p.add_argument("--model", default=None, help="eval: eval.model (16bit | gptq | adapter | merged, or a path)")

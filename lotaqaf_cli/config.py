@@ -20,7 +20,7 @@ GROUPS = ("model", "quant", "calib", "adapter", "optim", "data", "eval", "recipe
 DEFAULT_RECIPE = "smollm2_mmlu"
 STAGES = ("quantize", "train", "ppl", "merge", "eval")   # what `lotaqaf train` may chain
 EVAL_TASKS = ("mmlu", "ppl", "gsm8k")
-EXPORT_FORMATS = ("gptq", "gguf", "hf16")
+EXPORT_FORMATS = ("gguf", "torchao", "gptq", "hf16")
 
 
 def recipes_dir() -> Path:
@@ -213,6 +213,7 @@ def schema() -> dict[str, Rule]:
         "eval.gsm8k_file": PATH,
         "merge.verify": BOOL, "merge.unmerge": BOOL,
         "export.format": Choice(*EXPORT_FORMATS, nullable=True), "export.allow_lossy": BOOL,
+        "export.offset_branch": BOOL, "export.check": BOOL, "export.check_python": PATH,
     }
 
 
@@ -322,6 +323,10 @@ def check_paths(cfg: DictConfig, command: str) -> None:
     evaluates = command == "eval" or (command == "train" and "eval" in cfg.stages)
     if evaluates and cfg.eval.gsm8k_file is not None:
         readable_file(cfg.eval.gsm8k_file, "eval.gsm8k_file")
+    if command == "export" and cfg.export.check and cfg.export.check_python is not None:
+        readable_file(cfg.export.check_python, "export.check_python")
+        if not os.access(Path(cfg.export.check_python).expanduser(), os.X_OK):
+            raise LotaqafError(f"export.check_python={cfg.export.check_python}: not executable")
 
 
 def readable_file(path: str, key: str) -> None:

@@ -39,6 +39,7 @@ from .io.checkpoint import (
 )
 from .io.files import atomic_dir, file_sha256
 from .io.models import LoadedModel, gguf_file, layer_shapes, load_model, streamable
+from .core.qlinear import quantized_modules
 from .io.rundir import NEEDS, Cache, RunDir, find_run, versions
 from .stages import evaluate, export, merge, quantize, train
 
@@ -595,7 +596,13 @@ def _model_at_path(sel: str):
 
 @torch.no_grad()
 def cmd_export(cfg: DictConfig, _command: str) -> None:
-    fmt, allow_lossy = cfg.export.format, cfg.export.allow_lossy
+    """Write the merged model in ``export.format``, measure it against the merged model in memory
+    (logits, perplexity) and in the engines that serve the format (greedy continuations, logits), and
+    record all of it in export-<format>.json."""
+    from .io import serving
+
+    ex = cfg.export
+    fmt = ex.format
     run = find_run(cfg.run.dir, cfg.run.root, NEEDS["export"])
     writable_dir(str(run.path), "run.dir")  # where the export goes, before the model loads
     out_dir = run.export_dir(fmt)
@@ -604,37 +611,67 @@ def cmd_export(cfg: DictConfig, _command: str) -> None:
         raise LotaqafError(f"{out_dir} already exists: remove it to export again")
     windows = run.heldout_windows(info, tok)
     report: dict = {"format": fmt, "source": str(run.merged_dir), "merged_hash": info["content_hash"]}
-    source = run.config().model.path
-    exact = export.exact_formats(model, gguf_source=gguf_file(source) is not None)
-    if fmt == "gguf":
-        from transformers import AutoModelForCausalLM
+    others = [f for f in export.exact_formats(model) if f != fmt]
+    qnames, branches = list(quantized_modules(model)), None
+    with atomic_dir(out_dir) as tmp:
+        if fmt == "gguf":
+            from .io.gguf_export import export_gguf
 
-        from .io.gguf_export import export_gguf
+            report.update(export_gguf(model, run.config().model.path, tmp / "model.gguf", tok, exact=others))
+            held = export.fp16_minimum_model(model)  # the values the Q4_1 blocks hold, in float32
+        elif fmt == "torchao":
+            from .io.torchao_export import export_torchao
 
-        with atomic_dir(out_dir) as tmp:
-            report.update(export_gguf(model, source, tmp / "model.gguf", allow_lossy=allow_lossy,
-                                      exact=[f for f in exact if f != "gguf"]))
-            with ui.status("reading the GGUF file back with transformers ..."):
-                back = AutoModelForCausalLM.from_pretrained(str(tmp), gguf_file="model.gguf", dtype=torch.float32)
-            report.update(export.compare(model, back.eval(), windows))  # what an engine reading the file computes
-        report["file"] = str(out_dir / "model.gguf")  # its final path (it was written under a temporary name)
-    else:
-        exported, extra = export.convert(model, fmt, allow_lossy, exact)
-        report.update(extra)
-        report.update(export.compare(model, exported, windows))
-        with atomic_dir(out_dir) as tmp:
+            report.update(export_torchao(model, tok, tmp, exact=others))
+            held = model  # every stored value is the merged model's own
+        else:
+            files, branches, extra = export.convert(model, fmt, ex.allow_lossy, ex.offset_branch, others)
+            report.update(extra)
             if fmt == "gptq":
-                save_quantized(exported, tok, tmp, info["settings"],
-                               {**info["provenance"], "exported_from": info["content_hash"]})
+                save_quantized(files, tok, tmp, info["settings"], {**info["provenance"], "exported_from": info["content_hash"]})
+                if branches:
+                    from .io.offset_lora import save_offset_lora
+
+                    report["offset_lora"] = save_offset_lora(tmp / "offset_lora", branches, str(out_dir))
+                held = export.with_branches(files, branches or {})
             else:  # hf16: a plain transformers checkpoint
-                if hasattr(exported.config, "quantization_config"):
-                    del exported.config.quantization_config
-                exported.save_pretrained(str(tmp), safe_serialization=True)
+                if hasattr(files.config, "quantization_config"):
+                    del files.config.quantization_config
+                files.save_pretrained(str(tmp), safe_serialization=True)
                 if tok is not None:
                     tok.save_pretrained(str(tmp))
+                held = files
+        with ui.status("comparing the export with the merged model ..."):
+            report.update(export.compare(model, held, windows))
+        del held
+        size, layer_bytes = serving.disk_size(tmp), serving.quantized_layer_bytes(tmp, fmt, qnames)
+        weights = sum(q.in_features * q.out_features for q in quantized_modules(model).values())
+        report.update({"size_bytes": size, "bits_per_weight": 8 * layer_bytes / weights})
+        if ex.check:
+            prompts = export.probe_prompts(tok, model.config.vocab_size)
+            with ui.status("lotaqaf's greedy continuations of the probe prompts ..."):
+                conts, logits = export.reference_probe(model, prompts)
+            report["engines"] = {}
+            for kind in export.ENGINES[fmt] if fmt != "gptq" or branches else ["gptqmodel"]:
+                with ui.status(f"running the export in {kind} ..."):
+                    report["engines"][kind] = serving.engine_check(
+                        kind, tmp, prompts, conts, logits, serving.default_pythons(ex.check_python),
+                        list(export.PROBE_TEXTS) if tok is not None else None)
     run.write_record(f"export-{fmt}", report)
-    shown = {k: v for k, v in report.items() if k in ("max_abs_logit_diff", "perplexity", "max_weight_error")}
-    ui.say(f"exported {fmt} to {out_dir}: {shown}")
+    held_as = {"hf16": "float32", "gptq": "codes, scales, zeros" + (", offset branch" if branches else "")}
+    ui.say(f"exported {fmt} to {out_dir}: {ui.size(size)} on disk, {report['bits_per_weight']:.3f} bits per "
+           f"quantized weight ({held_as.get(fmt, 'codes, scales, zeros')}); "
+           f"max |logit diff| vs the merged model {report['max_abs_logit_diff']:.3g}"
+           + (f", perplexity {report['perplexity']['export']:.4f} vs {report['perplexity']['merged']:.4f}"
+              if "perplexity" in report else ""))
+    for kind, r in report.get("engines", {}).items():
+        if r["checked"]:
+            ui.say(f"  {r['engine']}: {r['same_continuations']}/{r['prompts']} greedy continuations of "
+                   f"{r['new_tokens']} tokens identical, max |logit diff| {r['max_abs_logit_diff']:.3g}"
+                   + (f"; its tokenizer gives lotaqaf's ids for {r['tokenizer_same_ids']}/{r['prompts']} prompts"
+                      if "tokenizer_same_ids" in r else ""))
+        else:
+            ui.say(f"  {kind}: not checked: {r['why']}")
 
 
 _COMMANDS = {"train": cmd_chain, "quantize": cmd_chain, "merge": cmd_merge, "eval": cmd_eval, "export": cmd_export,

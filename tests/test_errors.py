@@ -113,10 +113,10 @@ CASES = [
     ("export: unknown key", ["export", "run=RUN", "export.formatt=gguf"], "nearest valid keys: export.format"),
     ("export: no format", ["export", "run=RUN"], "export needs --format"),
     ("export: unknown format", ["export", "run=RUN", "--format", "zip"], "export.format='zip' is not allowed"),
-    ("export: offset run as GPTQ", ["export", "run=RUN", "--format", "gptq"],
-     "plain GPTQ cannot hold them. Exact instead: --format hf16"),
-    ("export: GGUF of a non-GGUF source", ["export", "run=RUN", "--format", "gguf"],
-     "is not one; exact instead: --format hf16"),
+    ("export: GPTQ without the offset branch", ["export", "run=RUN", "--format", "gptq", "export.offset_branch=false"],
+     "Exact instead: --format gptq (with its offset branch) or --format gguf or torchao or hf16"),
+    ("export: no such engine interpreter", ["export", "run=RUN", "--format", "gguf", "export.check_python=nope/python"],
+     "export.check_python=nope/python: no such file"),
 ]
 
 

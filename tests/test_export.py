@@ -1,8 +1,12 @@
-"""`lotaqaf export` on the smoke recipe: exact GPTQ export without the offset factor, refusal with it,
-hf16, and the GGUF source requirement."""
+"""`lotaqaf export` on the smoke recipe, each format checked in the engine that reads it: GPTQ (plain
+without the offset factor; with it, GPTQ plus the offset branch as a PEFT LoRA, read by PEFT on a dense
+base unpacked here from the GPTQ layout), torchao in transformers, GGUF (2 and 4 bits) in transformers'
+GGUF loader and the gguf package's dequantizer, hf16. llama.cpp and gptqmodel run in `make check-serving`."""
 
 import json
+import shutil
 
+import numpy as np
 import pytest
 import torch
 from cli_helpers import one_line_error, run_commands_in
@@ -15,9 +19,9 @@ from lotaqaf_cli.io.checkpoint import load_quantized
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     cmds = []
-    for name, gran in (("mu", "group"), ("nomu", "none")):
+    for name, gran, bits in (("mu", "group", 4), ("nomu", "none", 4), ("mu2", "group", 2)):
         cmds.append(["train", "recipe=smoke", f"run.dir=runs/{name}", "adapter.omega=2", "optim.steps=8",
-                     f"adapter.offset_granularity={gran}", "stages=[quantize,train]"])
+                     f"adapter.offset_granularity={gran}", f"quant.bits={bits}", "stages=[quantize,train]"])
         cmds.append(["merge", f"run=runs/{name}"])
     return run_commands_in(tmp_path_factory.mktemp("export"), cmds)
 
@@ -54,13 +58,140 @@ def test_gptq_export_exact_without_offset_factor(here):
         assert torch.equal(m(ids).logits, merged(ids).logits)
 
 
-def test_gptq_export_with_offset_factor_needs_allow_lossy(here, capsys):
-    one_line_error(capsys, ["export", "run=runs/mu", "--format", "gptq"], "--allow-lossy")
+def test_gptq_without_offset_branch_needs_allow_lossy(here, capsys):
+    one_line_error(capsys, ["export", "run=runs/mu", "--format", "gptq", "export.offset_branch=false"],
+                   "Exact instead: --format gptq (with its offset branch) or --format gguf or torchao or hf16")
     assert not (here / "runs/mu/export-gptq").exists()
-    assert main(["export", "run=runs/mu", "--format", "gptq", "--allow-lossy"]) == 0
+    assert main(["export", "run=runs/mu", "--format", "gptq", "export.offset_branch=false", "--allow-lossy",
+                 "export.check=false"]) == 0
     rep = json.loads((here / "runs/mu/export-gptq.json").read_text())
-    assert rep["fractional_zero_points"] > 0 and rep["max_abs_logit_diff"] > 0.0
-    one_line_error(capsys, ["export", "run=runs/mu", "--format", "gptq", "--allow-lossy"], "already exists")
+    assert rep["fractional_zero_points"] > 0 and rep["max_abs_logit_diff"] > 1e-3
+    assert not (here / "runs/mu/export-gptq/offset_lora").exists()
+    one_line_error(capsys, ["export", "run=runs/mu", "--format", "gptq"], "already exists")
+    shutil.rmtree(here / "runs/mu/export-gptq")
+
+
+def unpack_gptq(path):
+    """Dense float64 weights [out, in] of a 2/4-bit GPTQ checkpoint, read here from the documented
+    layout with numpy alone: codes as a little-endian bit stream along the input dim, zero points
+    packed along the output dim as z minus the packed all-ones word ("v1")."""
+    from safetensors.numpy import load_file
+
+    st = load_file(str(path / "model.safetensors"))
+    bits = json.loads((path / "quantize_config.json").read_text())["bits"]
+    assert bits in (2, 4)
+    per = 32 // bits
+
+    def fields(words):  # uint32 [..., W] -> [..., W * per] fields, lowest first
+        w = words.astype(np.uint64)[..., None] >> (np.arange(per, dtype=np.uint64) * bits)
+        return (w & ((1 << bits) - 1)).reshape(*words.shape[:-1], -1).astype(np.float64)
+
+    out = {}
+    for key in st:
+        if not key.endswith(".qweight"):
+            continue
+        name = key[: -len(".qweight")]
+        qw = st[key].view(np.uint32)                            # [in / per, out]
+        codes = fields(qw.T).T                                  # [in, out]
+        ones = sum(1 << (k * bits) for k in range(per))
+        qz = (st[name + ".qzeros"].view(np.uint32).astype(np.uint64) + ones) % (1 << 32)
+        zeros = fields(qz)                                      # [G, out]
+        g = st[name + ".g_idx"].astype(np.int64)
+        scales = st[name + ".scales"].astype(np.float64)
+        out[name] = (scales[g] * (codes - zeros[g])).T
+    return out, st
+
+
+def test_gptq_export_with_offset_branch_in_peft(here):
+    """The default GPTQ export of an offset run: a plain GPTQ checkpoint and the offset branch as a PEFT
+    LoRA. PEFT applies it on a dense model built from the GPTQ files by the reader above, and gives the
+    merged model's greedy continuations and logits."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from lotaqaf_cli.stages.export import probe_prompts, reference_probe
+
+    assert main(["export", "run=runs/mu", "--format", "gptq"]) == 0
+    rep = json.loads((here / "runs/mu/export-gptq.json").read_text())
+    assert rep["fractional_zero_points"] > 0 and rep["max_abs_logit_diff"] < 1e-4
+    # 4-bit codes, fp16 scales and packed zeros per 32, plus fp32 A [G, in] and B [out, G] (G = in / 32)
+    assert 4 + 16 / 32 + 4 / 32 + 32 * 2 / 32 < rep["bits_per_weight"] < 4 + 16 / 32 + 4 / 32 + 32 * 2 / 32 + 1
+    assert rep["offset_branch_layers"] == 14 and rep["engines"]["gptqmodel_peft"]["checked"] in (True, False)
+    d = here / "runs/mu/export-gptq"
+    cfg = json.loads((d / "offset_lora/adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == cfg["lora_alpha"] == 64 // 32
+    assert cfg["rank_pattern"] == cfg["alpha_pattern"] == {"down_proj": 128 // 32}
+
+    merged, _, _ = load_quantized(here / "runs/mu/merged")
+    dense_w, st = unpack_gptq(d)
+    dense = LlamaForCausalLM(merged.config)
+    sd = {k: torch.from_numpy(v.copy()).float() for k, v in st.items() if v.dtype in (np.float32, np.float16)
+          and not k.endswith((".scales", ".zero_points"))}
+    sd.update({f"{n}.weight": torch.from_numpy(w).float() for n, w in dense_w.items()})
+    missing = dense.load_state_dict(sd, strict=False).missing_keys
+    assert missing in ([], ["lm_head.weight"])  # tied
+    dense.tie_weights()
+    prompts = probe_prompts(None, merged.config.vocab_size)
+    conts, ref = reference_probe(merged, prompts)
+    plain_conts, plain = reference_probe(dense.eval(), prompts)   # GPTQ alone: the offset is missing
+    assert max(np.abs(a - b).max() for a, b in zip(ref, plain)) > 1e-3
+    peft_model = PeftModel.from_pretrained(dense, str(d / "offset_lora")).eval()
+    assert isinstance(peft_model.base_model.model.model.layers[0].mlp.down_proj.lora_A["default"], torch.nn.Linear)
+    got_conts, got = reference_probe(peft_model, prompts)
+    assert got_conts == conts
+    assert max(np.abs(a - b).max() for a, b in zip(ref, got)) < 1e-4
+
+
+def test_torchao_export_in_transformers(here):
+    """transformers (with torchao, in the engine subprocess) loads the torchao export as torchao's tensor
+    subclass and computes the merged model; the file holds s * (code - z') with the fractional z'."""
+    from safetensors.torch import load_file
+
+    assert main(["export", "run=runs/mu2", "--format", "torchao"]) == 0
+    rep = json.loads((here / "runs/mu2/export-torchao.json").read_text())
+    eng = rep["engines"]["transformers"]
+    assert eng["checked"] and eng["same_continuations"] == 8 and eng["max_abs_logit_diff"] < 1e-4, eng
+    assert "torchao" in eng["engine"] and "IntxUnpackedToInt8Tensor" in eng["linear_weight_classes"]
+    st = load_file(str(here / "runs/mu2/export-torchao/model.safetensors"))
+    merged, _, _ = load_quantized(here / "runs/mu2/merged")
+    for name, q in quantized_modules(merged).items():
+        z = st[f"{name}._weight_zero_point"].double()                      # [out, G]
+        w = st[f"{name}._weight_scale"].double().repeat_interleave(32, 1) * (
+            st[f"{name}._weight_qdata"].double() - z.repeat_interleave(32, 1))
+        g = q.g_idx.long()
+        ref = (q.scales.double()[g] * (q.codes.double() - q.zeros.double()[g])).t()
+        assert (w - ref).abs().max().item() < 1e-7, name
+    assert any(not torch.equal(z, z.round()) for z in (st[k] for k in st if k.endswith("_zero_point")))
+
+
+@pytest.mark.parametrize("run", ["mu", "mu2"])
+def test_gguf_export_of_an_hf_source(here, run):
+    """4- and 2-bit merged layers as Q4_1 from a model that is not GGUF-sourced: the gguf package's
+    own dequantizer gives the merged weights within the fp16 rounding of the block minimum, and
+    transformers' GGUF loader the merged model's continuations."""
+    import gguf
+
+    from lotaqaf_cli.io.gguf_export import gguf_name, rotary_row_order
+
+    assert main(["export", f"run=runs/{run}", "--format", "gguf"]) == 0
+    rep = json.loads((here / f"runs/{run}/export-gguf.json").read_text())
+    assert rep["q4_1_layers"] == 14 and rep["max_weight_error_in_steps"] <= 15 * 2**-11
+    eng = rep["engines"]["gguf_transformers"]
+    assert eng["checked"] and eng["same_continuations"] == 8, eng
+    assert eng["max_abs_logit_diff"] <= 2 * rep["max_abs_logit_diff"] + 1e-5  # no more than fp16 storage explains
+    merged, _, _ = load_quantized(here / f"runs/{run}/merged")
+    reader = gguf.GGUFReader(str(here / f"runs/{run}/export-gguf/model.gguf"))
+    tensors = {t.name: t for t in reader.tensors}
+    for name, q in quantized_modules(merged).items():
+        t = tensors[gguf_name(name + ".weight")]
+        theirs = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type))).double()
+        g = q.g_idx.long()
+        m = (q.scales.double() * q.zeros.double())[g]
+        ref = (q.scales.double()[g] * q.codes.double() - m).t()
+        if "q_proj" in name or "k_proj" in name:
+            ref = ref[rotary_row_order(q.out_features, 4 if "q_proj" in name else 2)]
+            m = m.t()[rotary_row_order(q.out_features, 4 if "q_proj" in name else 2)].t()
+        assert ((theirs - ref).abs() <= m.t().abs() * 2**-11 + 1e-7).all(), name
 
 
 def test_hf16_export(here):

@@ -1,19 +1,27 @@
 """GGUF export (llama.cpp) of a merged lotaqaf model, with the `gguf` package.
 
-A 4-bit layer whose groups are contiguous blocks of a multiple of 32 input rows maps onto Q4_1:
-per block of 32 weights of one output row, w = d * q + m with d = s (already fp16-exact: lotaqaf
-rounds scales to fp16 when quantizing) and m = -s * z' rounded to fp16, q = the 4-bit code. The
-only error is that fp16 rounding of m. Other tensors keep the source file's type (Q8_0 is
-re-quantized from the values lotaqaf holds, F32 otherwise).
+Q4_1 stores, per block of 32 weights of one output row, w = d * q + m with a 4-bit code q (0..15)
+and fp16 d and m. A merged layer of 2, 3 or 4 bits whose groups are contiguous blocks of a multiple
+of 32 input rows maps onto it exactly: d = s (already fp16-exact: lotaqaf rounds scales to fp16 when
+quantizing), m = -s * z' rounded to fp16 (z' the fractional zero point), q = the code (2- and 3-bit
+codes are 4-bit codes that never use the top values). The only error is that fp16 rounding of m. (llama.cpp's
+smaller K-quants hold 6- or 4-bit scales and minimums per 256-weight super-block: not exact, and not
+offered yet; see docs/decisions.md.)
+Tensors outside the decoder's linears: from a GGUF source, the source file's type (Q8_0 is
+re-quantized from the values lotaqaf holds, F32 otherwise); from a Hugging Face source, F16 where
+every value is fp16-exact, else F32.
 
-Metadata (architecture keys, tokenizer, chat template) is copied from the source GGUF file, so this
-export needs a GGUF source (the embedded model is one). llama.cpp stores q/k projections with rows
-permuted for its rotary layout; the export applies that permutation (transformers' GGUF loader
-reverses it).
+Metadata: copied from a GGUF source; for a Hugging Face source built from the model's config, and
+the tokenizer from its tokenizer.json through the gguf package's own vocabulary helpers (BpeVocab,
+SpecialVocab). llama.cpp stores llama q/k projections with rows permuted for its rotary layout; the
+export applies that permutation (transformers' GGUF loader reverses it). Llama and Qwen2 layouts.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +31,7 @@ from ..core.qlinear import QuantLinear
 from ..errors import LotaqafError
 from .models import gguf_file
 
+ARCHS = ("llama", "qwen2")
 HF_TO_GGUF = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -39,10 +48,10 @@ def gguf_name(hf_name: str) -> str | None:
     if hf_name == "lm_head.weight":
         return "output.weight"
     parts = hf_name.split(".")
-    if parts[:2] == ["model", "layers"] and parts[-1] == "weight":
+    if parts[:2] == ["model", "layers"] and parts[-1] in ("weight", "bias"):
         key = ".".join(parts[3:-1])
         if key in HF_TO_GGUF:
-            return f"blk.{parts[2]}.{HF_TO_GGUF[key]}.weight"
+            return f"blk.{parts[2]}.{HF_TO_GGUF[key]}.{parts[-1]}"
     return None
 
 
@@ -51,101 +60,239 @@ def rotary_row_order(n_out: int, n_head: int) -> torch.Tensor:
     return torch.arange(n_out).reshape(n_head, 2, n_out // n_head // 2).transpose(1, 2).reshape(-1)
 
 
-def q4_1_blocks(q: QuantLinear, row_order: torch.Tensor | None) -> tuple[np.ndarray, float, float]:
-    """Q4_1 bytes [D_out, D_in / 32 * 20] of a 4-bit layer, the largest |weight error| and the
-    largest error in units of the block's integer step d (at most 15 * 2^-11: fp16 rounding of m)."""
-    d_in, d_out = q.in_features, q.out_features
-    gs = q.group_size if q.group_size > 0 else d_in
-    if q.bits != 4 or gs % 32 or not torch.equal(q.g_idx.long(), torch.arange(d_in) // gs):
-        raise ValueError("Q4_1 needs 4-bit codes in contiguous groups of a multiple of 32 rows")
-    codes, scales, zeros = q.codes.t(), q.scales.t(), q.zeros.t()  # [D_out, ...]
-    if row_order is not None:
-        codes, scales, zeros = codes[row_order], scales[row_order], zeros[row_order]
-    nb = d_in // 32
-    block_group = torch.arange(nb) * 32 // gs
-    d = scales[:, block_group].float()                       # [D_out, nb]
-    m = -(scales * zeros)[:, block_group].float()
-    d16, m16 = d.half(), m.half()
-    qv = codes.reshape(d_out, nb, 32).to(torch.uint8)
-    qs = qv[..., :16] | (qv[..., 16:] << 4)
-    raw = torch.cat([d16.unsqueeze(-1).view(torch.uint8), m16.unsqueeze(-1).view(torch.uint8), qs], dim=-1)
-    exact = d.unsqueeze(-1) * qv.float() + m.unsqueeze(-1)
-    stored = d16.float().unsqueeze(-1) * qv.float() + m16.float().unsqueeze(-1)
-    err = (exact - stored).abs()
-    return raw.reshape(d_out, nb * 20).numpy(), float(err.max()), float((err / d.unsqueeze(-1)).max())
-
-
-def source_gguf(source: str) -> Path:
-    path = gguf_file(source)
-    if path is None:
-        raise LotaqafError(f"gguf export copies its metadata and tokenizer from a GGUF source model; this run's "
-                           f"model ({source}) is not one")
-    return path
-
-
 def q4_1_exact(q: QuantLinear) -> bool:
-    """Q4_1 holds the layer exactly (up to fp16 d and m): 4-bit codes in contiguous groups of a
-    multiple of 32 input rows."""
-    return q.bits == 4 and q.group_size > 0 and q.group_size % 32 == 0 and torch.equal(
+    """Q4_1 holds the layer exactly (up to fp16 m): codes of at most 4 bits in contiguous groups of a
+    multiple of 32 input rows (no act-order)."""
+    return q.bits <= 4 and q.group_size > 0 and q.group_size % 32 == 0 and torch.equal(
         q.g_idx.long(), torch.arange(q.in_features, device=q.g_idx.device) // q.group_size)
 
 
-def export_gguf(model, source: str, out_file: Path, allow_lossy: bool = False, exact: tuple = ("hf16",)) -> dict:
-    """Write the merged ``model`` as a GGUF file; a model it cannot hold exactly is refused, naming
-    the formats in ``exact`` that can."""
+def block_params(q: QuantLinear, row_order: torch.Tensor | None, block: int):
+    """Per block of ``block`` input rows of each output row: codes [D_out, nb, block], the step
+    d = s and the minimum m = -s * z' (float64, [D_out, nb])."""
+    codes, scales, zeros = q.codes.t(), q.scales.t().double(), q.zeros.t().double()  # [D_out, ...]
+    if row_order is not None:
+        codes, scales, zeros = codes[row_order], scales[row_order], zeros[row_order]
+    nb = q.in_features // block
+    group = torch.arange(nb) * block // q.group_size
+    return codes.reshape(q.out_features, nb, block), scales[:, group], -(scales * zeros)[:, group]
+
+
+def q4_1_blocks(q: QuantLinear, row_order: torch.Tensor | None) -> tuple[np.ndarray, float, float]:
+    """Q4_1 bytes [D_out, D_in / 32 * 20] of a layer of at most 4 bits, the largest |weight error|
+    and the largest error in units of the block's step d (at most 15 * 2^-11: fp16 rounding of m)."""
+    if not q4_1_exact(q):
+        raise ValueError("Q4_1 needs codes of at most 4 bits in contiguous groups of a multiple of 32 rows")
+    codes, d, m = block_params(q, row_order, 32)
+    d16, m16 = d.half(), m.half()
+    qv = codes.to(torch.uint8)
+    qs = qv[..., :16] | (qv[..., 16:] << 4)
+    raw = torch.cat([d16.unsqueeze(-1).view(torch.uint8), m16.unsqueeze(-1).view(torch.uint8), qs], dim=-1)
+    exact = d.unsqueeze(-1) * qv.double() + m.unsqueeze(-1)
+    stored = d16.double().unsqueeze(-1) * qv.double() + m16.double().unsqueeze(-1)
+    err = (exact - stored).abs()
+    return (raw.reshape(q.out_features, -1).numpy(), float(err.max()),
+            float((err / d.unsqueeze(-1)).max()))
+
+
+def source_gguf(source: str) -> Path | None:
+    return gguf_file(source)
+
+
+# ----------------------------------------------------------------------------------------------------
+# metadata for a Hugging Face source
+# ----------------------------------------------------------------------------------------------------
+def _strings(node) -> list[str]:
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, dict):
+        return [s for v in node.values() for s in _strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in _strings(v)]
+    return []
+
+
+def pre_tokenizer_name(tokenizer_json: dict) -> str:
+    """llama.cpp's pre-tokenizer type for a GPT-2-style BPE tokenizer.json: `llama-bpe` (Llama 3's
+    split regex, digits in runs of 1-3), `qwen2` (the same regex with single digits), `smollm`
+    (single digits, then byte-level), else `default` (GPT-2's regex)."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    text = " ".join(_strings(pre))
+    if "\\p{N}{1,3}" in text:
+        return "llama-bpe"
+    if "\\p{L}+|\\p{N}|" in text:
+        return "qwen2"
+    if "Digits" in text and '"individual_digits": true' in json.dumps(pre):
+        return "smollm"
+    return "default"
+
+
+def add_tokenizer(w, tokenizer, vocab_size: int) -> dict:
+    """Tokenizer metadata from the Hugging Face tokenizer (GPT-2-style byte-level BPE), through the
+    gguf package's BpeVocab and SpecialVocab. Tokens the tokenizer marks special become CONTROL.
+    Returns what was chosen (for the export record)."""
     import gguf
 
-    try:
-        src = gguf.GGUFReader(str(source_gguf(source)))
-    except LotaqafError as e:
-        raise LotaqafError(f"{e}; exact instead: --format {' or '.join(exact)}") from None
-    arch = src.fields["general.architecture"].contents()
-    if arch != "llama":
-        raise LotaqafError(f"gguf export supports the llama architecture, not {arch}")
-    cfg = model.config
-    qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    bad = [n for n, m in qmods.items() if not q4_1_exact(m)]
-    if bad:
-        raise LotaqafError(f"gguf export maps only 4-bit layers with contiguous groups of a multiple of 32 onto "
-                           f"Q4_1 (exact); {bad[0]} is {qmods[bad[0]].bits}-bit g{qmods[bad[0]].group_size}. "
-                           f"Exact instead: --format {' or '.join(exact)}")
-    del allow_lossy  # no lossy GGUF path yet: everything exported here is exact up to fp16 rounding
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save_pretrained(d)
+        try:
+            vocab = gguf.vocab.BpeVocab(Path(d))
+        except (FileNotFoundError, ValueError) as e:
+            raise LotaqafError(f"gguf export from a Hugging Face source needs a byte-level BPE tokenizer.json "
+                               f"(GPT-2 style, as Llama 3, Qwen2 and SmolLM2 have): {e}") from None
+        tj = json.loads((Path(d) / "tokenizer.json").read_text(encoding="utf-8"))
+        special = gguf.vocab.SpecialVocab(Path(d), load_merges=True, n_vocab=vocab_size)
+    tokens, types = [], []
+    for text, _score, ttype in vocab.all_tokens():
+        tokens.append(text if isinstance(text, str) else text.decode("utf-8"))
+        types.append(ttype)
+    special_ids = {t.content: i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+    for text, i in special_ids.items():
+        if i < len(types) and tokens[i] == text:
+            types[i] = gguf.TokenType.CONTROL
+    for i in range(len(tokens), vocab_size):  # embedding rows past the tokenizer's vocabulary
+        tokens.append(f"[PAD{i}]")
+        types.append(gguf.TokenType.UNUSED)
+    pre = pre_tokenizer_name(tj)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    special.add_to_gguf(w, quiet=True)
+    return {"tokenizer": "gpt2", "pre_tokenizer": pre, "tokens": len(tokens), "merges": len(special.merges)}
 
-    w = gguf.GGUFWriter(str(out_file), arch)
+
+def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """Per-frequency divisors of Llama 3.1's rope scaling (what llama.cpp reads as rope_freqs.weight):
+    1 for short wavelengths, `factor` for long ones, a smooth blend between."""
+    base, factor = rope["rope_theta"], rope["factor"]
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_ctx = rope["original_max_position_embeddings"]
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * base ** (i / head_dim)
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def add_hf_metadata(w, cfg, tokenizer) -> dict:
+    """Architecture keys from the transformers config (and rope_freqs for Llama 3.1 scaling)."""
+    import gguf
+
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rope = dict(getattr(cfg, "rope_parameters", None) or {})
+    rope.setdefault("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    w.add_name(getattr(cfg, "_name_or_path", "") or "lotaqaf-merged")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_rope_freq_base(float(rope["rope_theta"]))
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "llama3":
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim))
+    elif rope_type not in ("default", None):
+        raise LotaqafError(f"gguf export: rope_type {rope_type!r} is not supported (default and llama3 are)")
+    if tokenizer is None:  # a model without a tokenizer (the smoke model): llama.cpp's "no vocabulary"
+        w.add_tokenizer_model("none")
+        return {"tokenizer": None}
+    return add_tokenizer(w, tokenizer, cfg.vocab_size)
+
+
+def copy_gguf_metadata(w, src) -> None:
+    import gguf
+
     for key, field in src.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         w.add_key_value(key, field.contents(), vtype, sub_type=sub)
-    src_types = {t.name: t.tensor_type for t in src.tensors}
+
+
+def dense_tensor(arr: np.ndarray, src_type, name: str):
+    """(data, raw_dtype) of a tensor outside the quantized linears."""
+    import gguf
+
+    if src_type == gguf.GGMLQuantizationType.Q8_0:
+        return gguf.quants.quantize(arr, src_type), src_type
+    if src_type is None and arr.ndim == 2 and np.array_equal(arr.astype(np.float16).astype(np.float32), arr):
+        return arr.astype(np.float16), None  # fp16-exact (a bf16 or fp16 source): half the bytes, same values
+    return arr, None
+
+
+def export_gguf(model, source: str, out_file: Path, tokenizer=None, exact: tuple = ("hf16",)) -> dict:
+    """Write the merged ``model`` as a GGUF file (metadata from a GGUF ``source``, else from the config
+    and ``tokenizer``). A model it cannot hold is refused, naming the formats in ``exact`` that can."""
+    import gguf
+
+    cfg = model.config
+    arch = cfg.model_type
+    alternatives = f"exact instead: --format {' or '.join(exact)}"
+    if arch not in ARCHS:
+        raise LotaqafError(f"gguf export supports the {' and '.join(ARCHS)} architectures, not {arch}; {alternatives}")
+    qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    bad = [n for n, m in qmods.items() if not q4_1_exact(m)]
+    if bad:
+        q = qmods[bad[0]]
+        why = "act-order groups" if q.group_size % 32 == 0 and q.bits <= 4 else f"{q.bits}-bit g{q.group_size}"
+        raise LotaqafError(f"gguf export maps layers of 2-4 bits in contiguous groups of a multiple of 32 onto Q4_1; "
+                           f"{bad[0]} has {why}; {alternatives}")
+
+    src_path = source_gguf(source)
+    src = gguf.GGUFReader(str(src_path)) if src_path is not None else None
+    if src is not None and src.fields["general.architecture"].contents() != arch:
+        raise LotaqafError(f"the source GGUF's architecture differs from the model's ({arch})")
+    w = gguf.GGUFWriter(str(out_file), arch)
+    if src is not None:
+        copy_gguf_metadata(w, src)
+        meta = {"metadata": f"copied from {src_path.name}"}
+        src_types = {t.name: t.tensor_type for t in src.tensors}
+    else:
+        meta = {"metadata": "built from the config and the Hugging Face tokenizer", **add_hf_metadata(w, cfg, tokenizer)}
+        src_types = {}
     state = model.state_dict()
-    max_err, max_steps, n_q4 = 0.0, 0.0, 0
+    max_err, max_steps, counts = 0.0, 0.0, {}
     for name, q in qmods.items():
         g = gguf_name(name + ".weight")
         order = None
-        if g.endswith(("attn_q.weight", "attn_k.weight")):
+        if arch == "llama" and g.endswith(("attn_q.weight", "attn_k.weight")):
             heads = cfg.num_attention_heads if "attn_q" in g else cfg.num_key_value_heads
             order = rotary_row_order(q.out_features, heads)
         raw, err, steps = q4_1_blocks(q, order)
         max_err, max_steps = max(max_err, err), max(max_steps, steps)
-        n_q4 += 1
+        counts[q.bits] = counts.get(q.bits, 0) + 1
         w.add_tensor(g, raw, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+        if q.bias is not None:
+            bias = q.bias.detach().float().numpy()
+            if order is not None:
+                bias = bias[order.numpy()]
+            w.add_tensor(gguf_name(name + ".bias"), bias)
     for name, t in state.items():
         g = gguf_name(name)
         if g is None or any(name.startswith(n + ".") for n in qmods):
             continue
         if name == "lm_head.weight" and getattr(cfg, "tie_word_embeddings", False):
             continue
-        arr = t.detach().float().numpy()
-        if src_types.get(g) == gguf.GGMLQuantizationType.Q8_0:
-            w.add_tensor(g, gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0),
-                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            w.add_tensor(g, arr)
+        data, raw_dtype = dense_tensor(t.detach().float().numpy(), src_types.get(g), g)
+        w.add_tensor(g, data, raw_dtype=raw_dtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return {"q4_1_layers": n_q4, "max_weight_error": max_err, "max_weight_error_in_steps": max_steps,
-            "file": str(out_file)}
+    return {**meta, "q4_1_layers": sum(counts.values()), "q4_1_layers_by_bits": counts, "max_weight_error": max_err, "max_weight_error_in_steps": max_steps}

@@ -9,7 +9,7 @@ ARGS    ?=
 export HF_HUB_DISABLE_TELEMETRY=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup run test test-fast bench lint clean gpu-wheels gpu-check-dry
+.PHONY: setup run test test-fast bench lint clean gpu-wheels gpu-check-dry check-serving
 
 setup: $(STAMP)
 
@@ -48,8 +48,14 @@ gpu-wheels: setup
 gpu-check-dry: setup
 	PYTHON=$(BIN)/python bash scripts/gpu_check.sh --dry-run gpu_out
 
+# Exports of SmolLM2 merged at 2/3/4 bits, run in llama.cpp (llama-cpp-python, built from source once
+# into .serving-venv: ~15 min on 2 cores), transformers + torchao and gptqmodel + PEFT; prints the table
+# of docs/formats.md. Not part of `make test` (the build); the fast versions of these checks are.
+check-serving: setup
+	$(BIN)/python scripts/check_serving.py $(ARGS)
+
 lint: setup
 	$(BIN)/ruff check lotaqaf_cli kernels tests scripts
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .serving-venv runs .pytest_cache

@@ -56,7 +56,7 @@ def forced_logits(forward, prompts, continuations):
     import torch
 
     return [forward(torch.tensor([list(p) + list(c[:-1])]))[len(p) - 1:].float().cpu()
-            for p, c in zip(prompts, continuations)]
+            for p, c in zip(prompts, continuations, strict=True)]
 
 
 def torch_probe(forward, prompts, continuations):
@@ -81,11 +81,11 @@ def run_llama_cpp(path: Path, prompts, continuations, texts=None):
         import llama_cpp
     except ImportError:
         raise EngineMissing("llama-cpp-python is not installed (make check-serving builds it)") from None
-    n_ctx = max(len(p) + len(c) for p, c in zip(prompts, continuations)) + 8
+    n_ctx = max(len(p) + len(c) for p, c in zip(prompts, continuations, strict=True)) + 8
     llm = llama_cpp.Llama(model_path=str(path / "model.gguf"), n_ctx=n_ctx, n_batch=n_ctx, n_threads=2,
                           logits_all=True, verbose=False, seed=0)
     greedy, logits = [], []
-    for prompt, cont in zip(prompts, continuations):
+    for prompt, cont in zip(prompts, continuations, strict=True):
         llm.reset()
         llm.eval(list(prompt))
         out = []
@@ -98,7 +98,7 @@ def run_llama_cpp(path: Path, prompts, continuations, texts=None):
         logits.append(np.array(llm.scores[len(prompt) - 1:llm.n_tokens], dtype=np.float32))
     extra = {}
     if texts:  # the GGUF's tokenizer metadata, in llama.cpp's own tokenizer
-        same = sum(llm.tokenize(t.encode(), add_bos=False, special=False) == list(p) for t, p in zip(texts, prompts))
+        same = sum(llm.tokenize(t.encode(), add_bos=False, special=False) == list(p) for t, p in zip(texts, prompts, strict=True))
         extra["tokenizer_same_ids"] = int(same)
     return greedy, logits, f"llama-cpp-python {llama_cpp.__version__}", extra
 
@@ -134,7 +134,6 @@ def run_gptqmodel(path: Path, prompts, continuations, with_peft: bool):
     except ImportError:
         raise EngineMissing("gptqmodel, optimum and peft are not installed (make check-serving installs them)") from None
     import torch
-
     from safetensors.torch import load_file
 
     # gptqmodel's torch kernel loads in float16; .float() then runs it in float32 (its fp16 scales
@@ -144,7 +143,7 @@ def run_gptqmodel(path: Path, prompts, continuations, with_peft: bool):
     dense = {}
     for f in sorted(path.glob("*.safetensors")):
         dense.update({k: v for k, v in load_file(str(f)).items() if v.is_floating_point() and k.endswith(".weight")})
-    unexpected = model.load_state_dict(dense, strict=False).unexpected_keys
+    unexpected = model.load_state_dict(dense, strict=True).unexpected_keys
     if unexpected:
         raise RuntimeError(f"unexpected tensors {unexpected[:3]}")
     engine = f"gptqmodel {gptqmodel.__version__} (torch kernel, float32)"

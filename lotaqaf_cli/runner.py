@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import __version__, dist, memory, ui
 from .config import writable_dir
+from .core.qlinear import quantized_modules
 from .data import selfgen, sft, shipped, textfile
 from .errors import LotaqafError
 from .interrupts import Interrupted
@@ -38,8 +39,7 @@ from .io.checkpoint import (
     sharded_checkpoint,
 )
 from .io.files import atomic_dir, file_sha256
-from .io.models import LoadedModel, gguf_file, layer_shapes, load_model, streamable
-from .core.qlinear import quantized_modules
+from .io.models import LoadedModel, layer_shapes, load_model, streamable
 from .io.rundir import NEEDS, Cache, RunDir, find_run, versions
 from .stages import evaluate, export, merge, quantize, train
 

@@ -24,11 +24,11 @@ import lotaqaf_kernels as kernels
 import torch
 from torch import nn
 
+from ..consumers import forced_logits, greedy_continuations
 from ..core.merge import probe_batch
 from ..core.perplexity import perplexity
 from ..core.qlinear import QuantLinear, quantized_modules, replace_module
 from ..errors import LotaqafError
-from ..consumers import forced_logits, greedy_continuations
 from ..io.gguf_export import q4_1_exact
 from ..io.torchao_export import contiguous_groups
 
@@ -219,10 +219,10 @@ def compare_probe(ref_conts, ref_logits, greedy, logits) -> dict:
     |logit difference| teacher-forced on lotaqaf's continuations."""
     import numpy as np
 
-    same = [list(a) == list(b) for a, b in zip(ref_conts, greedy)]
-    first = [next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(ref_conts, greedy)]
+    same = [list(a) == list(b) for a, b in zip(ref_conts, greedy, strict=True)]
+    first = [next((k for k, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None) for a, b in zip(ref_conts, greedy, strict=True)]
     diff = max(float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
-               for a, b in zip(ref_logits, logits))
+               for a, b in zip(ref_logits, logits, strict=True))
     return {"prompts": len(ref_conts), "new_tokens": len(ref_conts[0]), "same_continuations": int(sum(same)),
             "first_divergence": {str(i): k for i, k in enumerate(first) if k is not None},
             "max_abs_logit_diff": diff}

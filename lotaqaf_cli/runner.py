@@ -595,6 +595,37 @@ def _model_at_path(sel: str):
 
 
 @torch.no_grad()
+def _write_export(fmt: str, model, tok, info: dict, tmp: Path, ex, exact: list[str], final_dir: Path,
+                  source: str, report: dict):
+    """Write ``model`` in ``fmt`` under ``tmp``; returns the model as the files hold it (what the
+    in-memory comparison runs) and whether a GPTQ export has an offset branch."""
+    if fmt == "gguf":
+        from .io.gguf_export import export_gguf
+
+        report.update(export_gguf(model, source, tmp / "model.gguf", tok, exact=exact))
+        return export.fp16_minimum_model(model), False  # the values the Q4_1 blocks hold, in float32
+    if fmt == "torchao":
+        from .io.torchao_export import export_torchao
+
+        report.update(export_torchao(model, tok, tmp, exact=exact))
+        return model, False  # every stored value is the merged model's own
+    files, branches, extra = export.convert(model, fmt, ex.allow_lossy, ex.offset_branch, exact)
+    report.update(extra)
+    if fmt == "gptq":
+        save_quantized(files, tok, tmp, info["settings"], {**info["provenance"], "exported_from": info["content_hash"]})
+        if branches:
+            from .io.offset_lora import save_offset_lora
+
+            report["offset_lora"] = save_offset_lora(tmp / "offset_lora", branches, str(final_dir))
+        return export.with_branches(files, branches or {}), bool(branches)
+    if hasattr(files.config, "quantization_config"):  # hf16: a plain transformers checkpoint
+        del files.config.quantization_config
+    files.save_pretrained(str(tmp), safe_serialization=True)
+    if tok is not None:
+        tok.save_pretrained(str(tmp))
+    return files, False
+
+
 def cmd_export(cfg: DictConfig, _command: str) -> None:
     """Write the merged model in ``export.format``, measure it against the merged model in memory
     (logits, perplexity) and in the engines that serve the format (greedy continuations, logits), and
@@ -612,55 +643,35 @@ def cmd_export(cfg: DictConfig, _command: str) -> None:
     windows = run.heldout_windows(info, tok)
     report: dict = {"format": fmt, "source": str(run.merged_dir), "merged_hash": info["content_hash"]}
     others = [f for f in export.exact_formats(model) if f != fmt]
-    qnames, branches = list(quantized_modules(model)), None
+    qmods = quantized_modules(model)
+    qnames, weights = list(qmods), sum(q.in_features * q.out_features for q in qmods.values())
     with atomic_dir(out_dir) as tmp:
-        if fmt == "gguf":
-            from .io.gguf_export import export_gguf
-
-            report.update(export_gguf(model, run.config().model.path, tmp / "model.gguf", tok, exact=others))
-            held = export.fp16_minimum_model(model)  # the values the Q4_1 blocks hold, in float32
-        elif fmt == "torchao":
-            from .io.torchao_export import export_torchao
-
-            report.update(export_torchao(model, tok, tmp, exact=others))
-            held = model  # every stored value is the merged model's own
-        else:
-            files, branches, extra = export.convert(model, fmt, ex.allow_lossy, ex.offset_branch, others)
-            report.update(extra)
-            if fmt == "gptq":
-                save_quantized(files, tok, tmp, info["settings"], {**info["provenance"], "exported_from": info["content_hash"]})
-                if branches:
-                    from .io.offset_lora import save_offset_lora
-
-                    report["offset_lora"] = save_offset_lora(tmp / "offset_lora", branches, str(out_dir))
-                held = export.with_branches(files, branches or {})
-            else:  # hf16: a plain transformers checkpoint
-                if hasattr(files.config, "quantization_config"):
-                    del files.config.quantization_config
-                files.save_pretrained(str(tmp), safe_serialization=True)
-                if tok is not None:
-                    tok.save_pretrained(str(tmp))
-                held = files
+        held, branched = _write_export(fmt, model, tok, info, tmp, ex, others, out_dir, run.config().model.path, report)
         with ui.status("comparing the export with the merged model ..."):
             report.update(export.compare(model, held, windows))
-        del held
+        del held, qmods
         size, layer_bytes = serving.disk_size(tmp), serving.quantized_layer_bytes(tmp, fmt, qnames)
-        weights = sum(q.in_features * q.out_features for q in quantized_modules(model).values())
         report.update({"size_bytes": size, "bits_per_weight": 8 * layer_bytes / weights})
         if ex.check:
             prompts = export.probe_prompts(tok, model.config.vocab_size)
             with ui.status("lotaqaf's greedy continuations of the probe prompts ..."):
                 conts, logits = export.reference_probe(model, prompts)
+            del model  # the engine loads the export in its own process: one model in memory at a time
+            memory.trim_heap()
             report["engines"] = {}
-            for kind in export.ENGINES[fmt] if fmt != "gptq" or branches else ["gptqmodel"]:
+            for kind in export.ENGINES[fmt] if fmt != "gptq" or branched else ["gptqmodel"]:
                 with ui.status(f"running the export in {kind} ..."):
                     report["engines"][kind] = serving.engine_check(
                         kind, tmp, prompts, conts, logits, serving.default_pythons(ex.check_python),
                         list(export.PROBE_TEXTS) if tok is not None else None)
     run.write_record(f"export-{fmt}", report)
-    held_as = {"hf16": "float32", "gptq": "codes, scales, zeros" + (", offset branch" if branches else "")}
-    ui.say(f"exported {fmt} to {out_dir}: {ui.size(size)} on disk, {report['bits_per_weight']:.3f} bits per "
-           f"quantized weight ({held_as.get(fmt, 'codes, scales, zeros')}); "
+    _say_export(fmt, out_dir, report, branched)
+
+
+def _say_export(fmt: str, out_dir: Path, report: dict, branched: bool) -> None:
+    held_as = {"hf16": "float32", "gptq": "codes, scales, zeros" + (", offset branch" if branched else "")}
+    ui.say(f"exported {fmt} to {out_dir}: {ui.size(report['size_bytes'])} on disk, {report['bits_per_weight']:.3f} "
+           f"bits per quantized weight ({held_as.get(fmt, 'codes, scales, zeros')}); "
            f"max |logit diff| vs the merged model {report['max_abs_logit_diff']:.3g}"
            + (f", perplexity {report['perplexity']['export']:.4f} vs {report['perplexity']['merged']:.4f}"
               if "perplexity" in report else ""))

@@ -144,3 +144,34 @@ def test_gguf_tokenizer_from_a_hugging_face_tokenizer(tmp_path):
     back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="model.gguf")
     for text in ["Question: 1 + 2 = ? Answer: 3", "the quick brown fox 0123456789", "A. B. C. D."]:
         assert back(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_gguf_qwen2_layout_in_transformers(tmp_path, monkeypatch):
+    """A Qwen2 model (q/k/v biases, no rotary row permutation in GGUF): transformers' GGUF loader
+    computes what lotaqaf's model holds (the fp16-rounded minimums, evaluated in float32)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from lotaqaf_cli.core.quantize_model import quantize_model
+
+    monkeypatch.setattr(kernels, "_mode", "torch")
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    g = torch.Generator().manual_seed(0)
+    quantize_model(model, [torch.randint(0, 256, (2, 16), generator=g)], bits=4, group_size=32, method="rtn")
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.zeros = m.zeros - (torch.rand(m.zeros.shape, generator=g) - 0.5) * 0.6
+    rep = export_gguf(model, "smoke", tmp_path / "model.gguf")
+    assert rep["q4_1_layers"] == 14
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="model.gguf", dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (2, 24), generator=g)
+    with torch.no_grad():
+        ours = fp16_minimum_model(model)(ids).logits
+        assert (loaded(ids).logits - ours).abs().max().item() < 1e-4
+        assert (model(ids).logits - ours).abs().max().item() > 0  # the fp16 minimums are not the exact ones

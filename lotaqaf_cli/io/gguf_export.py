@@ -218,7 +218,7 @@ def copy_gguf_metadata(w, src) -> None:
     import gguf
 
     for key, field in src.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
@@ -261,6 +261,7 @@ def export_gguf(model, source: str, out_file: Path, tokenizer=None, exact: tuple
     w = gguf.GGUFWriter(str(out_file), arch)
     if src is not None:
         copy_gguf_metadata(w, src)
+        w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
         meta = {"metadata": f"copied from {src_path.name}"}
         src_types = {t.name: t.tensor_type for t in src.tensors}
     else:

@@ -626,6 +626,19 @@ def _write_export(fmt: str, model, tok, info: dict, tmp: Path, ex, exact: list[s
     return files, False
 
 
+def _reference_probe(model, held, tok, report: dict):
+    """(prompts, lotaqaf's greedy continuations, its logits) for the engine checks; records the same
+    probe run on the values the files hold (``held``) as report["storage_on_prompts"]: what storage
+    alone changes, the bar an engine is measured against."""
+    prompts = export.probe_prompts(tok, model.config.vocab_size)
+    dense = export.dense_bytes(model) < (memory.capacity_bytes(next(model.parameters()).device) or 0) / 4
+    with ui.status("lotaqaf's greedy continuations of the probe prompts ..."):
+        conts, logits = export.reference_probe(model, prompts, dense=dense)
+        report["storage_on_prompts"] = export.compare_probe(conts, logits,
+                                                            *export.reference_probe(held, prompts, dense=dense))
+    return prompts, conts, logits
+
+
 def cmd_export(cfg: DictConfig, _command: str) -> None:
     """Write the merged model in ``export.format``, measure it against the merged model in memory
     (logits, perplexity) and in the engines that serve the format (greedy continuations, logits), and
@@ -649,20 +662,18 @@ def cmd_export(cfg: DictConfig, _command: str) -> None:
         held, branched = _write_export(fmt, model, tok, info, tmp, ex, others, out_dir, run.config().model.path, report)
         with ui.status("comparing the export with the merged model ..."):
             report.update(export.compare(model, held, windows))
-        del held, qmods
         size, layer_bytes = serving.disk_size(tmp), serving.quantized_layer_bytes(tmp, fmt, qnames)
         report.update({"size_bytes": size, "bits_per_weight": 8 * layer_bytes / weights})
-        if ex.check:
-            prompts = export.probe_prompts(tok, model.config.vocab_size)
-            with ui.status("lotaqaf's greedy continuations of the probe prompts ..."):
-                conts, logits = export.reference_probe(model, prompts)
+        probe = _reference_probe(model, held, tok, report) if ex.check else None
+        del held, qmods
+        if probe is not None:
             del model  # the engine loads the export in its own process: one model in memory at a time
             memory.trim_heap()
             report["engines"] = {}
             for kind in export.ENGINES[fmt] if fmt != "gptq" or branched else ["gptqmodel"]:
                 with ui.status(f"running the export in {kind} ..."):
                     report["engines"][kind] = serving.engine_check(
-                        kind, tmp, prompts, conts, logits, serving.default_pythons(ex.check_python),
+                        kind, tmp, *probe, serving.default_pythons(ex.check_python),
                         list(export.PROBE_TEXTS) if tok is not None else None)
     run.write_record(f"export-{fmt}", report)
     _say_export(fmt, out_dir, report, branched)
@@ -675,6 +686,10 @@ def _say_export(fmt: str, out_dir: Path, report: dict, branched: bool) -> None:
            f"max |logit diff| vs the merged model {report['max_abs_logit_diff']:.3g}"
            + (f", perplexity {report['perplexity']['export']:.4f} vs {report['perplexity']['merged']:.4f}"
               if "perplexity" in report else ""))
+    if "storage_on_prompts" in report:
+        r = report["storage_on_prompts"]
+        ui.say(f"  the stored values, in lotaqaf (float32): {r['same_continuations']}/{r['prompts']} greedy "
+               f"continuations identical, max |logit diff| {r['max_abs_logit_diff']:.3g}")
     for kind, r in report.get("engines", {}).items():
         if r["checked"]:
             ui.say(f"  {r['engine']}: {r['same_continuations']}/{r['prompts']} greedy continuations of "

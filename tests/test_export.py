@@ -116,7 +116,9 @@ def test_gptq_export_with_offset_branch_in_peft(here):
     assert rep["fractional_zero_points"] > 0 and rep["max_abs_logit_diff"] < 1e-4
     # 4-bit codes, fp16 scales and packed zeros per 32, plus fp32 A [G, in] and B [out, G] (G = in / 32)
     assert 4 + 16 / 32 + 4 / 32 + 32 * 2 / 32 < rep["bits_per_weight"] < 4 + 16 / 32 + 4 / 32 + 32 * 2 / 32 + 1
-    assert rep["offset_branch_layers"] == 14 and rep["engines"]["gptqmodel_peft"]["checked"] in (True, False)
+    assert rep["offset_branch_layers"] == 14
+    eng = rep["engines"]["gptqmodel_peft"]  # gptqmodel is not a dependency: `make check-serving` runs it
+    assert (eng["same_continuations"] == 8) if eng["checked"] else ("not installed" in eng["why"]), eng
     d = here / "runs/mu/export-gptq"
     cfg = json.loads((d / "offset_lora/adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == cfg["lora_alpha"] == 64 // 32

@@ -33,6 +33,11 @@ from ..io.gguf_export import q4_1_exact
 from ..io.torchao_export import contiguous_groups
 
 
+def dense_bytes(model: nn.Module) -> int:
+    """Bytes of a float32 copy of the model's quantized layers (:func:`dequantized_model`)."""
+    return 4 * sum(q.in_features * q.out_features for q in quantized_modules(model).values())
+
+
 def dequantized_model(model: nn.Module, dtype=torch.float32) -> nn.Module:
     """Every QuantLinear replaced by a plain nn.Linear holding its dequantized weight."""
     out = copy.deepcopy(model)
@@ -200,10 +205,14 @@ def torch_forward(model: nn.Module):
     return forward
 
 
-def reference_probe(model: nn.Module, prompts: list[list[int]], new_tokens: int = PROBE_NEW_TOKENS):
+def reference_probe(model: nn.Module, prompts: list[list[int]], new_tokens: int = PROBE_NEW_TOKENS,
+                    dense: bool = False):
     """lotaqaf's greedy continuations of the prompts and its logits predicting each of their tokens,
-    computed exactly: dequantize, then a float32 matmul (kernels "torch"; the CPU decode kernel would
-    round activations and scales to bf16)."""
+    computed exactly: dequantized weights, float32 matmuls (kernels "torch"; the CPU decode kernel
+    would round activations and scales to bf16). ``dense``: dequantize every layer once into a float32
+    copy (4 bytes a weight; the same values, and much faster than dequantizing at every call)."""
+    if dense:
+        model = dequantized_model(model)
     fwd = torch_forward(model)
     previous = kernels.mode()
     kernels.set_mode("torch")

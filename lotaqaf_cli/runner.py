@@ -634,8 +634,8 @@ def _reference_probe(model, held, tok, report: dict):
     dense = export.dense_bytes(model) < (memory.capacity_bytes(next(model.parameters()).device) or 0) / 4
     with ui.status("lotaqaf's greedy continuations of the probe prompts ..."):
         conts, logits = export.reference_probe(model, prompts, dense=dense)
-        report["storage_on_prompts"] = export.compare_probe(conts, logits,
-                                                            *export.reference_probe(held, prompts, dense=dense))
+        report["storage_on_prompts"] = export.compare_probe(
+            conts, logits, *export.reference_probe(held, prompts, dense=dense, forced_on=conts))
     return prompts, conts, logits
 
 

@@ -129,7 +129,7 @@ def f32_floor(run: Path, python: Path) -> dict:
     w.close()
     model, tok, _ = load_quantized(run / "merged")
     prompts = probe_prompts(tok, model.config.vocab_size)
-    conts, logits = reference_probe(model, prompts)
+    conts, logits = reference_probe(model, prompts, dense=True)
     return engine_check("llama_cpp", dst_dir, prompts, conts, logits, [str(python)], list(PROBE_TEXTS))
 
 

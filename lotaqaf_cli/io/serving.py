@@ -30,6 +30,7 @@ def engine_check(kind: str, export_dir: Path, prompts, ref_conts, ref_logits, py
             r = subprocess.run([python, consumers.__file__, kind, str(export_dir.resolve()), str(probe), str(out)],
                                capture_output=True, text=True, timeout=timeout, env=env, cwd=d)
             last = (r.stderr.strip().splitlines() or ["(no message)"])[-1]
+            last = last if len(last) <= 300 else last[:300] + " ..."
             if r.returncode == consumers.MISSING:
                 why = f"{last} ({python})"
                 continue

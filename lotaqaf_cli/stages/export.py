@@ -206,11 +206,14 @@ def torch_forward(model: nn.Module):
 
 
 def reference_probe(model: nn.Module, prompts: list[list[int]], new_tokens: int = PROBE_NEW_TOKENS,
-                    dense: bool = False):
-    """lotaqaf's greedy continuations of the prompts and its logits predicting each of their tokens,
-    computed exactly: dequantized weights, float32 matmuls (kernels "torch"; the CPU decode kernel
-    would round activations and scales to bf16). ``dense``: dequantize every layer once into a float32
-    copy (4 bytes a weight; the same values, and much faster than dequantizing at every call)."""
+                    dense: bool = False, forced_on: list[list[int]] | None = None):
+    """The model's greedy continuations of the prompts and its logits predicting each token of
+    ``forced_on`` (default: of its own continuations), computed exactly: dequantized weights, float32
+    matmuls (kernels "torch"; the CPU decode kernel would round activations and scales to bf16).
+    ``dense``: dequantize every layer once into a float32 copy (4 bytes a weight; the same values,
+    and much faster than dequantizing at every call). lotaqaf's reference is the merged model's;
+    the same probe on another model with ``forced_on`` = the reference's continuations is what an
+    engine check measures."""
     if dense:
         model = dequantized_model(model)
     fwd = torch_forward(model)
@@ -218,7 +221,7 @@ def reference_probe(model: nn.Module, prompts: list[list[int]], new_tokens: int 
     kernels.set_mode("torch")
     try:
         conts = greedy_continuations(fwd, prompts, new_tokens)
-        return conts, [lg.numpy() for lg in forced_logits(fwd, prompts, conts)]
+        return conts, [lg.numpy() for lg in forced_logits(fwd, prompts, forced_on or conts)]
     finally:
         kernels.set_mode(previous)
 

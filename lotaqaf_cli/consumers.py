@@ -82,7 +82,9 @@ def run_llama_cpp(path: Path, prompts, continuations, texts=None):
     except ImportError:
         raise EngineMissing("llama-cpp-python is not installed (make check-serving builds it)") from None
     n_ctx = max(len(p) + len(c) for p, c in zip(prompts, continuations, strict=True)) + 8
-    llm = llama_cpp.Llama(model_path=str(path / "model.gguf"), n_ctx=n_ctx, n_batch=n_ctx, n_threads=2,
+    import os
+
+    llm = llama_cpp.Llama(model_path=str(path / "model.gguf"), n_ctx=n_ctx, n_batch=n_ctx, n_threads=os.cpu_count() or 1,
                           logits_all=True, verbose=False, seed=0)
     greedy, logits = [], []
     for prompt, cont in zip(prompts, continuations, strict=True):

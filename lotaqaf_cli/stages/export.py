@@ -1,6 +1,6 @@
 """Stage `export`: a merged model in formats other engines load.
 
-    convert(merged, fmt, ...)           -> (the model as the format holds it, report)   gptq | hf16
+    convert(merged, fmt, ...)           -> (the model as the files hold it, offset branches, report)
     exact_formats(merged)               -> the formats that hold it exactly (what refusals suggest)
     compare(merged, exported, windows)  -> max |logit difference| (and perplexities)
     probe_prompts / reference_probe / compare_probe: the serving check (8 prompts, 32 greedy tokens)

@@ -25,6 +25,7 @@ gptqmodel          gptqmodel alone (a GPTQ export without an offset branch)
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -82,8 +83,6 @@ def run_llama_cpp(path: Path, prompts, continuations, texts=None):
     except ImportError:
         raise EngineMissing("llama-cpp-python is not installed (make check-serving builds it)") from None
     n_ctx = max(len(p) + len(c) for p, c in zip(prompts, continuations, strict=True)) + 8
-    import os
-
     llm = llama_cpp.Llama(model_path=str(path / "model.gguf"), n_ctx=n_ctx, n_batch=n_ctx, n_threads=os.cpu_count() or 1,
                           logits_all=True, verbose=False, seed=0)
     greedy, logits = [], []
@@ -124,8 +123,6 @@ def run_transformers(path: Path, prompts, continuations, gguf: bool = False):
 
 
 def run_gptqmodel(path: Path, prompts, continuations, with_peft: bool):
-    import os
-
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:

@@ -29,7 +29,6 @@ import os
 import sys
 from pathlib import Path
 
-KINDS = ("llama_cpp", "transformers", "gguf_transformers", "gptqmodel_peft", "gptqmodel")
 MISSING = 3
 
 

@@ -103,6 +103,7 @@ def f32_floor(run: Path, python: Path) -> dict:
     import numpy as np
 
     from lotaqaf_cli.io.checkpoint import load_quantized
+    from lotaqaf_cli.io.gguf_export import copy_gguf_metadata
     from lotaqaf_cli.io.serving import engine_check
     from lotaqaf_cli.stages.export import PROBE_TEXTS, probe_prompts, reference_probe
 
@@ -110,14 +111,8 @@ def f32_floor(run: Path, python: Path) -> dict:
     dst_dir = run / "gguf-f32-floor"
     dst_dir.mkdir(exist_ok=True)
     reader = gguf.GGUFReader(str(src))
-    arch = reader.fields["general.architecture"].contents()
-    w = gguf.GGUFWriter(str(dst_dir / "model.gguf"), arch)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        vtype = field.types[0]
-        w.add_key_value(key, field.contents(), vtype,
-                        sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    w = gguf.GGUFWriter(str(dst_dir / "model.gguf"), reader.fields["general.architecture"].contents())
+    copy_gguf_metadata(w, reader)
     for t in reader.tensors:
         if t.tensor_type == gguf.GGMLQuantizationType.Q4_1:
             w.add_tensor(t.name, np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))

@@ -95,10 +95,6 @@ def q4_1_blocks(q: QuantLinear, row_order: torch.Tensor | None) -> tuple[np.ndar
             float((err / d.unsqueeze(-1)).max()))
 
 
-def source_gguf(source: str) -> Path | None:
-    return gguf_file(source)
-
-
 # ----------------------------------------------------------------------------------------------------
 # metadata for a Hugging Face source
 # ----------------------------------------------------------------------------------------------------
@@ -215,6 +211,7 @@ def add_hf_metadata(w, cfg, tokenizer) -> dict:
 
 
 def copy_gguf_metadata(w, src) -> None:
+    """Every key of the source file but its architecture and file type (the writer sets both)."""
     import gguf
 
     for key, field in src.fields.items():
@@ -225,7 +222,7 @@ def copy_gguf_metadata(w, src) -> None:
         w.add_key_value(key, field.contents(), vtype, sub_type=sub)
 
 
-def dense_tensor(arr: np.ndarray, src_type, name: str):
+def dense_tensor(arr: np.ndarray, src_type):
     """(data, raw_dtype) of a tensor outside the quantized linears."""
     import gguf
 
@@ -254,7 +251,7 @@ def export_gguf(model, source: str, out_file: Path, tokenizer=None, exact: tuple
         raise LotaqafError(f"gguf export maps layers of 2-4 bits in contiguous groups of a multiple of 32 onto Q4_1; "
                            f"{bad[0]} has {why}; {alternatives}")
 
-    src_path = source_gguf(source)
+    src_path = gguf_file(source)
     src = gguf.GGUFReader(str(src_path)) if src_path is not None else None
     if src is not None and src.fields["general.architecture"].contents() != arch:
         raise LotaqafError(f"the source GGUF's architecture differs from the model's ({arch})")
@@ -290,7 +287,7 @@ def export_gguf(model, source: str, out_file: Path, tokenizer=None, exact: tuple
             continue
         if name == "lm_head.weight" and getattr(cfg, "tie_word_embeddings", False):
             continue
-        data, raw_dtype = dense_tensor(t.detach().float().numpy(), src_types.get(g), g)
+        data, raw_dtype = dense_tensor(t.detach().float().numpy(), src_types.get(g))
         w.add_tensor(g, data, raw_dtype=raw_dtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -21,6 +21,7 @@ DEFAULT_RECIPE = "smollm2_mmlu"
 STAGES = ("quantize", "train", "ppl", "merge", "eval")   # what `lotaqaf train` may chain
 EVAL_TASKS = ("mmlu", "ppl", "gsm8k")
 EXPORT_FORMATS = ("gguf", "torchao", "gptq", "hf16")
+GGUF_TYPES = ("q4_1", "q4_k", "q2_k")
 
 
 def recipes_dir() -> Path:
@@ -213,7 +214,7 @@ def schema() -> dict[str, Rule]:
         "eval.gsm8k_file": PATH,
         "merge.verify": BOOL, "merge.unmerge": BOOL,
         "export.format": Choice(*EXPORT_FORMATS, nullable=True), "export.allow_lossy": BOOL,
-        "export.offset_branch": BOOL, "export.check": BOOL, "export.check_python": PATH,
+        "export.offset_branch": BOOL, "export.gguf_type": Choice(*GGUF_TYPES), "export.check": BOOL, "export.check_python": PATH,
     }
 
 

@@ -600,10 +600,10 @@ def _write_export(fmt: str, model, tok, info: dict, tmp: Path, ex, exact: list[s
     """Write ``model`` in ``fmt`` under ``tmp``; returns the model as the files hold it (what the
     in-memory comparison runs) and whether a GPTQ export has an offset branch."""
     if fmt == "gguf":
-        from .io.gguf_export import export_gguf
+        from .io.gguf_export import export_gguf, stored_model
 
-        report.update(export_gguf(model, source, tmp / "model.gguf", tok, exact=exact))
-        return export.fp16_minimum_model(model), False  # the values the Q4_1 blocks hold, in float32
+        report.update(export_gguf(model, source, tmp / "model.gguf", tok, exact, ex.gguf_type, ex.allow_lossy))
+        return stored_model(model, ex.gguf_type), False  # the values the blocks hold, in float32
     if fmt == "torchao":
         from .io.torchao_export import export_torchao
 
@@ -642,14 +642,15 @@ def _reference_probe(model, held, tok, report: dict):
 def cmd_export(cfg: DictConfig, _command: str) -> None:
     """Write the merged model in ``export.format``, measure it against the merged model in memory
     (logits, perplexity) and in the engines that serve the format (greedy continuations, logits), and
-    record all of it in export-<format>.json."""
+    record all of it in export-<format>.json (export-gguf-q4_k.json for a GGUF K-quant)."""
     from .io import serving
 
     ex = cfg.export
     fmt = ex.format
     run = find_run(cfg.run.dir, cfg.run.root, NEEDS["export"])
     writable_dir(str(run.path), "run.dir")  # where the export goes, before the model loads
-    out_dir = run.export_dir(fmt)
+    name = fmt if fmt != "gguf" or ex.gguf_type == "q4_1" else f"gguf-{ex.gguf_type}"  # K-quants beside Q4_1
+    out_dir = run.export_dir(name)
     model, tok, info = run.load_merged()
     if out_dir.exists():
         raise LotaqafError(f"{out_dir} already exists: remove it to export again")
@@ -675,7 +676,7 @@ def cmd_export(cfg: DictConfig, _command: str) -> None:
                     report["engines"][kind] = serving.engine_check(
                         kind, tmp, *probe, serving.default_pythons(ex.check_python),
                         list(export.PROBE_TEXTS) if tok is not None else None)
-    run.write_record(f"export-{fmt}", report)
+    run.write_record(f"export-{name}", report)
     _say_export(fmt, out_dir, report, branched)
 
 
@@ -686,6 +687,10 @@ def _say_export(fmt: str, out_dir: Path, report: dict, branched: bool) -> None:
            f"max |logit diff| vs the merged model {report['max_abs_logit_diff']:.3g}"
            + (f", perplexity {report['perplexity']['export']:.4f} vs {report['perplexity']['merged']:.4f}"
               if "perplexity" in report else ""))
+    if "layers_by_type" in report:
+        fallback = " (Q4_1 where the K-quant does not fit: D_in not a multiple of 256)" if len(report["layers_by_type"]) > 1 else ""
+        ui.say(f"  GGUF layers: {', '.join(f'{k.upper()} {n}' for k, n in report['layers_by_type'].items())}{fallback}; "
+               f"largest weight change {report['max_weight_error']:.3g} ({report['max_weight_error_in_steps']:.3g} steps)")
     if "storage_on_prompts" in report:
         r = report["storage_on_prompts"]
         ui.say(f"  the stored values, in lotaqaf (float32): {r['same_continuations']}/{r['prompts']} greedy "

@@ -115,6 +115,8 @@ CASES = [
     ("export: unknown format", ["export", "run=RUN", "--format", "zip"], "export.format='zip' is not allowed"),
     ("export: GPTQ without the offset branch", ["export", "run=RUN", "--format", "gptq", "export.offset_branch=false"],
      "Exact instead: --format gptq (with its offset branch) or --format gguf or torchao or hf16"),
+    ("export: GGUF K-quant without --allow-lossy", ["export", "run=RUN", "--format", "gguf", "export.gguf_type=q2_k"],
+     "export.gguf_type=q2_k changes the model"),
     ("export: no such engine interpreter", ["export", "run=RUN", "--format", "gguf", "export.check_python=nope/python"],
      "export.check_python=nope/python: no such file"),
 ]

@@ -177,7 +177,7 @@ def test_gguf_export_of_an_hf_source(here, run):
 
     assert main(["export", f"run=runs/{run}", "--format", "gguf"]) == 0
     rep = json.loads((here / f"runs/{run}/export-gguf.json").read_text())
-    assert rep["q4_1_layers"] == 14 and rep["max_weight_error_in_steps"] <= 15 * 2**-11
+    assert rep["layers_by_type"] == {"q4_1": 14} and rep["max_weight_error_in_steps"] <= 15 * 2**-11
     eng = rep["engines"]["gguf_transformers"]
     assert eng["checked"] and eng["same_continuations"] == 8, eng
     assert eng["max_abs_logit_diff"] <= 2 * rep["max_abs_logit_diff"] + 1e-5  # no more than fp16 storage explains

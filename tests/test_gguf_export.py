@@ -10,9 +10,8 @@ import torch
 from lotaqaf_cli.core.qlinear import QuantLinear
 from lotaqaf_cli.core.quantize_model import quantize_model
 from lotaqaf_cli.data.selfgen import prompts_for
-from lotaqaf_cli.io.gguf_export import export_gguf, gguf_name, rotary_row_order
+from lotaqaf_cli.io.gguf_export import export_gguf, gguf_name, rotary_row_order, stored_model
 from lotaqaf_cli.io.models import gguf_file
-from lotaqaf_cli.stages.export import fp16_minimum_model
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +35,7 @@ def test_gguf_roundtrip(smollm2_loaded, tmp_path):
             m.zeros = m.zeros - (torch.rand(m.zeros.shape, generator=g) - 0.5) * 0.2
     out = tmp_path / "model.gguf"
     rep = export_gguf(model, "embedded:smollm2", out, smollm2_loaded.tokenizer)
-    assert rep["q4_1_layers"] == 210 and rep["max_weight_error_in_steps"] <= 15 * 2**-11
+    assert rep["layers_by_type"] == {"q4_1": 210} and rep["max_weight_error_in_steps"] <= 15 * 2**-11
 
     reader = gguf.GGUFReader(str(out))
     tensors = {t.name: t for t in reader.tensors}
@@ -63,5 +62,5 @@ def test_gguf_roundtrip(smollm2_loaded, tmp_path):
     text = " ".join(prompts_for("heldout", 0))
     ids = torch.tensor(smollm2_loaded.tokenizer(text)["input_ids"][:64]).view(1, 64)
     with torch.no_grad():
-        ours = fp16_minimum_model(model)(ids).logits   # the values the file holds, in float32
+        ours = stored_model(model)(ids).logits   # the values the file holds, in float32
         assert (loaded(ids).logits - ours).abs().max().item() < 1e-3

@@ -13,8 +13,16 @@ from tiny_models import tiny_tokenizer
 
 from lotaqaf_cli.core.qlinear import QuantLinear
 from lotaqaf_cli.errors import LotaqafError
-from lotaqaf_cli.io.gguf_export import export_gguf, llama3_rope_factors, pre_tokenizer_name, q4_1_blocks
-from lotaqaf_cli.stages.export import OffsetBranchLinear, fp16_minimum_model, offset_branch
+from lotaqaf_cli.io.gguf_export import (
+    export_gguf,
+    k_quant_blocks,
+    llama3_rope_factors,
+    pre_tokenizer_name,
+    q4_1_blocks,
+    stored_model,
+    stored_values,
+)
+from lotaqaf_cli.stages.export import OffsetBranchLinear, offset_branch
 
 
 def merged_layer(bits, d_in=96, d_out=48, gs=32, act_order=False, seed=0):
@@ -64,7 +72,7 @@ def test_integer_zero_points_need_no_branch():
 def test_q4_1_holds_3_bit_codes_within_fp16_rounding_of_the_minimum():
     """gguf's own Q4_1 dequantizer on our blocks: w = s * code - s * z' up to fp16 rounding of
     m = -s * z' (|error| <= 2^-11 |m|), and the model evaluating those stored values is what
-    fp16_minimum_model builds."""
+    stored_model builds."""
     import gguf
 
     q = merged_layer(3, d_in=128, gs=64)
@@ -75,8 +83,59 @@ def test_q4_1_holds_3_bit_codes_within_fp16_rounding_of_the_minimum():
     assert ((theirs - ref).abs() <= m.abs() * 2**-11 + 1e-7).all()
     assert err <= (m.abs() * 2**-11).max().item() and steps <= 7 * 2**-11
     model = torch.nn.Sequential(copy.deepcopy(q))
-    stored = fp16_minimum_model(model)[0]
+    stored = stored_model(model)[0]
     assert (dense64(stored).t() - theirs).abs().max().item() < 1e-6
+
+
+def k_grid_layer(bits, gs):
+    """A layer whose s and s * z' lie on the K-quant grid of its super-blocks (the first group of each
+    256 inputs sets d = 2^-10 and dmin = 2^-11 with sc = mn = 63): the K-quants hold it exactly."""
+    q = merged_layer(bits, d_in=512, d_out=16, gs=gs)
+    g = torch.Generator().manual_seed(2)
+    k = torch.randint(1, 64, q.scales.shape, generator=g).double()
+    n = torch.randint(0, 64, q.scales.shape, generator=g).double()
+    k[:: 256 // gs], n[:: 256 // gs] = 63, 63
+    if bits == 2:   # Q2_K: 4-bit sc and mn, d = 2^-10 and dmin = 2^-11 from the 15s
+        k, n = (k % 15) + 1, n % 16
+        k[:: 256 // gs], n[:: 256 // gs] = 15, 15
+    q.scales = (k * 2**-10).float()
+    q.zeros = (n * 2**-11 / (k * 2**-10)).float()     # s * z' = n * 2^-11
+    return q
+
+
+@pytest.mark.parametrize("kind,bits,gs", [("q4_k", 4, 64), ("q4_k", 3, 128), ("q2_k", 2, 32)])
+def test_k_quants_through_the_gguf_dequantizer(kind, bits, gs):
+    """gguf's own Q4_K / Q2_K dequantizer on our blocks gives what stored_values says the file holds;
+    values on the K-quant grid come back exactly, others within the measured error."""
+    import gguf
+
+    qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
+    for q, on_grid in ((k_grid_layer(bits, gs), True), (merged_layer(bits, d_in=512, d_out=16, gs=gs), False)):
+        raw, err, steps = k_quant_blocks(q, None, kind)
+        assert raw.shape == (16, 2 * {"q4_k": 144, "q2_k": 84}[kind])
+        theirs = torch.from_numpy(np.array(gguf.quants.dequantize(raw, qtype))).double()
+        s, z = stored_values(q, kind)
+        g = q.g_idx.long()
+        held = (s.double()[g] * (q.codes.double() - z.double()[g])).t()
+        assert (theirs - held).abs().max().item() < 1e-7
+        exact = dense64(q).t()
+        assert abs((theirs - exact).abs().max().item() - err) < 1e-7
+        if on_grid:
+            assert err < 1e-7 and steps < 1e-5
+        else:
+            assert err > 1e-4   # the grid rounds s and s * z' of a random layer
+
+
+def test_gguf_k_quant_refusals(tmp_path):
+    from lotaqaf_cli.io.models import smoke_model
+
+    model = smoke_model()
+    with pytest.raises(LotaqafError, match="gguf_type=q4_k changes the model .*add --allow-lossy"):
+        export_gguf(model, "smoke", tmp_path / "m.gguf", gguf_type="q4_k")
+    model.model.layers[0].self_attn.q_proj = merged_layer(3, d_in=256, d_out=64, gs=64)
+    with pytest.raises(LotaqafError, match="q2_k holds 2-bit codes; model.layers.0.self_attn.q_proj is 3-bit"):
+        export_gguf(model, "smoke", tmp_path / "m.gguf", gguf_type="q2_k", allow_lossy=True)
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def test_act_order_is_refused_for_gguf_naming_exact_formats(tmp_path):
@@ -119,7 +178,8 @@ def test_pre_tokenizer_names():
     smollm = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
         {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "add_prefix_space": False}]}}
     assert pre_tokenizer_name(smollm) == "smollm"
-    assert pre_tokenizer_name({"pre_tokenizer": {"type": "ByteLevel"}}) == "default"
+    assert pre_tokenizer_name({"pre_tokenizer": {"type": "ByteLevel"}}) == "gpt-2"
+    assert pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}}) == "default"
 
 
 def test_gguf_tokenizer_from_a_hugging_face_tokenizer(tmp_path):
@@ -136,7 +196,7 @@ def test_gguf_tokenizer_from_a_hugging_face_tokenizer(tmp_path):
     quantize_model(model, [torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(0))], bits=3,
                    group_size=32, method="rtn")
     rep = export_gguf(model, "smoke", tmp_path / "model.gguf", tok)
-    assert rep["tokenizer"] == "gpt2" and rep["pre_tokenizer"] == "default" and rep["merges"] > 0
+    assert rep["tokenizer"] == "gpt2" and rep["pre_tokenizer"] == "gpt-2" and rep["merges"] > 0
     reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
     assert tokens[:len(tok)] == [tok.convert_ids_to_tokens(i) for i in range(len(tok))]
@@ -146,16 +206,18 @@ def test_gguf_tokenizer_from_a_hugging_face_tokenizer(tmp_path):
         assert back(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
 
 
-def test_gguf_qwen2_layout_in_transformers(tmp_path, monkeypatch):
+@pytest.mark.parametrize("gguf_type,bits", [("q4_1", 4), ("q4_k", 3), ("q2_k", 2)])
+def test_gguf_qwen2_layout_in_transformers(gguf_type, bits, tmp_path, monkeypatch):
     """A Qwen2 model (q/k/v biases, no rotary row permutation in GGUF): transformers' GGUF loader
-    computes what lotaqaf's model holds (the fp16-rounded minimums, evaluated in float32)."""
+    computes what lotaqaf's model holds (the fp16-rounded minimums, or the K-quant grid, evaluated
+    in float32)."""
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from lotaqaf_cli.core.quantize_model import quantize_model
 
     monkeypatch.setattr(kernels, "_mode", "torch")
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = Qwen2Config(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
     model = Qwen2ForCausalLM(cfg).eval()
     with torch.no_grad():
@@ -163,15 +225,15 @@ def test_gguf_qwen2_layout_in_transformers(tmp_path, monkeypatch):
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.normal_(0, 0.5)
     g = torch.Generator().manual_seed(0)
-    quantize_model(model, [torch.randint(0, 256, (2, 16), generator=g)], bits=4, group_size=32, method="rtn")
+    quantize_model(model, [torch.randint(0, 256, (2, 16), generator=g)], bits=bits, group_size=64, method="rtn")
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.zeros = m.zeros - (torch.rand(m.zeros.shape, generator=g) - 0.5) * 0.6
-    rep = export_gguf(model, "smoke", tmp_path / "model.gguf")
-    assert rep["q4_1_layers"] == 14
+    rep = export_gguf(model, "smoke", tmp_path / "model.gguf", gguf_type=gguf_type, allow_lossy=True)
+    assert rep["layers_by_type"] == {gguf_type: 14}
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="model.gguf", dtype=torch.float32).eval()
     ids = torch.randint(0, 256, (2, 24), generator=g)
     with torch.no_grad():
-        ours = fp16_minimum_model(model)(ids).logits
+        ours = stored_model(model, gguf_type)(ids).logits
         assert (loaded(ids).logits - ours).abs().max().item() < 1e-4
         assert (model(ids).logits - ours).abs().max().item() > 0  # the fp16 minimums are not the exact ones

@@ -4,9 +4,15 @@ Q4_1 stores, per block of 32 weights of one output row, w = d * q + m with a 4-b
 and fp16 d and m. A merged layer of 2, 3 or 4 bits whose groups are contiguous blocks of a multiple
 of 32 input rows maps onto it exactly: d = s (already fp16-exact: lotaqaf rounds scales to fp16 when
 quantizing), m = -s * z' rounded to fp16 (z' the fractional zero point), q = the code (2- and 3-bit
-codes are 4-bit codes that never use the top values). The only error is that fp16 rounding of m. (llama.cpp's
-smaller K-quants hold 6- or 4-bit scales and minimums per 256-weight super-block: not exact, and not
-offered yet; see docs/decisions.md.)
+codes are 4-bit codes that never use the top values). The only error is that fp16 rounding of m.
+
+Smaller and not exact, on request only (``gguf_type``, with allow_lossy): llama.cpp's K-quants hold,
+per super-block of 256 weights of a row, one fp16 pair (d, dmin) and per sub-block an integer scale
+and minimum, w = d * sc * q - dmin * mn. Q4_K: 8 sub-blocks of 32, 6-bit sc and mn, 4-bit codes
+(4.5 bits a weight); Q2_K: 16 sub-blocks of 16, 4-bit sc and mn, 2-bit codes (2.625 bits a weight).
+The codes are kept; each sub-block's s and s * z' are rounded onto that grid. A layer whose D_in is
+not a multiple of 256, or whose groups straddle super-blocks, stays Q4_1 (llama.cpp's own quantize
+falls back the same way).
 Tensors outside the decoder's linears: from a GGUF source, the source file's type (Q8_0 is
 re-quantized from the values lotaqaf holds, F32 otherwise); from a Hugging Face source, F16 where
 every value is fp16-exact, else F32.
@@ -19,6 +25,7 @@ export applies that permutation (transformers' GGUF loader reverses it). Llama a
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import tempfile
@@ -26,8 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from ..core.qlinear import QuantLinear
+from ..config import GGUF_TYPES
+from ..core.qlinear import QuantLinear, quantized_modules
 from ..errors import LotaqafError
 from .models import gguf_file
 
@@ -78,6 +87,85 @@ def block_params(q: QuantLinear, row_order: torch.Tensor | None, block: int):
     return codes.reshape(q.out_features, nb, block), scales[:, group], -(scales * zeros)[:, group]
 
 
+QK_K = 256
+K_QUANTS = {"q4_k": (8, 63), "q2_k": (16, 15)}  # sub-blocks per super-block, largest sc / mn
+TYPE_CHANGE = {"q4_k": "6-bit scales and minimums per 32 weights under one fp16 pair per 256",
+               "q2_k": "4-bit scales and minimums per 16 weights under one fp16 pair per 256"}
+
+
+def layer_type(q: QuantLinear, gguf_type: str) -> str:
+    """The GGUF type a Q4_1-exact layer is stored in: the K-quant asked for where it fits (D_in a
+    multiple of 256, groups within one super-block or made of whole ones), else q4_1."""
+    fits = q.in_features % QK_K == 0 and (QK_K % q.group_size == 0 or q.group_size % QK_K == 0)
+    return gguf_type if gguf_type in K_QUANTS and fits else "q4_1"
+
+
+def k_quant_params(q: QuantLinear, kind: str):
+    """A layer on a K-quant grid: codes [D_out, D_in], per super-block d and dmin (fp16, [D_out, nsb]),
+    per sub-block sc and mn (integers, [D_out, nsb, nsub]), and the step and minimum each sub-block
+    then holds (float64, [D_out, nb]: d * sc, dmin * mn; the weight is step * code - minimum).
+    d = max(s) / levels and dmin = max(s * z') / levels over the super-block (the larger-magnitude
+    sign when the minimums have both signs; the others go to 0); sc >= 1 keeps every step nonzero."""
+    nsub, levels = K_QUANTS[kind]
+    codes, steps, m = block_params(q, None, QK_K // nsub)          # steps = s, m = -s z' per sub-block
+    n_out, nb = steps.shape
+    t, u = steps.reshape(n_out, -1, nsub), (-m).reshape(n_out, -1, nsub)
+    d16 = (t.amax(-1) / levels).half()
+    sc = (t / d16.double().unsqueeze(-1)).round().clamp(1, levels)
+    umax, umin = u.amax(-1), u.amin(-1)
+    dmin16 = (torch.where(umax >= -umin, umax, umin) / levels).half()
+    dm = dmin16.double().unsqueeze(-1)
+    mn = torch.where(dm != 0, u / torch.where(dm != 0, dm, 1), 0).round().clamp(0, levels)
+    held_step = (d16.double().unsqueeze(-1) * sc).reshape(n_out, nb)
+    held_min = (dm * mn).reshape(n_out, nb)
+    return codes.reshape(n_out, -1).to(torch.uint8), d16, dmin16, sc.to(torch.uint8), mn.to(torch.uint8), held_step, held_min
+
+
+def k_quant_bytes(codes, d16, dmin16, sc, mn, kind: str) -> np.ndarray:
+    """The K-quant blocks [D_out, D_in / 256 * bytes] in llama.cpp's layout (block_q4_K: d, dmin,
+    12 bytes of packed 6-bit sc/mn, 128 bytes of nibbles, each 64 weights as 32 low + 32 high
+    nibbles; block_q2_K: 16 bytes sc | mn << 4, 64 bytes of 2-bit codes, each 128 weights as 4
+    planes of 32, then d, dmin)."""
+    n_out, nsb = d16.shape
+    c = codes.reshape(n_out, nsb, QK_K)
+    half = lambda x: x.unsqueeze(-1).view(torch.uint8)  # noqa: E731  fp16 -> its 2 bytes
+    if kind == "q4_k":
+        lo_s, hi_s, lo_m, hi_m = sc[..., :4], sc[..., 4:], mn[..., :4], mn[..., 4:]
+        scales = torch.cat([lo_s | ((hi_s >> 4) << 6), lo_m | ((hi_m >> 4) << 6), (hi_s & 15) | ((hi_m & 15) << 4)], -1)
+        c = c.reshape(n_out, nsb, 4, 2, 32)
+        qs = (c[..., 0, :] | (c[..., 1, :] << 4)).reshape(n_out, nsb, 128)
+        raw = torch.cat([half(d16), half(dmin16), scales, qs], -1)
+    else:
+        scales = sc | (mn << 4)
+        c = c.reshape(n_out, nsb, 2, 4, 32)
+        qs = (c[..., 0, :] | (c[..., 1, :] << 2) | (c[..., 2, :] << 4) | (c[..., 3, :] << 6)).reshape(n_out, nsb, 64)
+        raw = torch.cat([scales, qs, half(d16), half(dmin16)], -1)
+    return raw.reshape(n_out, -1).numpy()
+
+
+def stored_values(q: QuantLinear, gguf_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales, zero points) [G, D_out], float32, that give the values the GGUF file holds for the
+    layer: Q4_1's fp16 minimum, or the K-quant grid's step and minimum (group-uniform by the fit
+    rule of :func:`layer_type`)."""
+    kind = layer_type(q, gguf_type)
+    if kind == "q4_1":
+        s = q.scales.double()
+        return q.scales.float(), (-(-(s * q.zeros.double())).half().double() / s).float()
+    *_, step, minimum = k_quant_params(q, kind)
+    sub = QK_K // K_QUANTS[kind][0]
+    first = torch.arange(q.scales.shape[0]) * q.group_size // sub  # the first sub-block of each group
+    step, minimum = step[:, first].t(), minimum[:, first].t()
+    return step.float(), (minimum / step).float()
+
+
+def stored_model(model: nn.Module, gguf_type: str = "q4_1") -> nn.Module:
+    """The merged model as the GGUF file holds it (evaluated in float32: what storage alone changes)."""
+    out = copy.deepcopy(model)
+    for q in quantized_modules(out).values():
+        q.scales, q.zeros = stored_values(q, gguf_type)
+    return out
+
+
 def q4_1_blocks(q: QuantLinear, row_order: torch.Tensor | None) -> tuple[np.ndarray, float, float]:
     """Q4_1 bytes [D_out, D_in / 32 * 20] of a layer of at most 4 bits, the largest |weight error|
     and the largest error in units of the block's step d (at most 15 * 2^-11: fp16 rounding of m)."""
@@ -93,6 +181,18 @@ def q4_1_blocks(q: QuantLinear, row_order: torch.Tensor | None) -> tuple[np.ndar
     err = (exact - stored).abs()
     return (raw.reshape(q.out_features, -1).numpy(), float(err.max()),
             float((err / d.unsqueeze(-1)).max()))
+
+
+def k_quant_blocks(q: QuantLinear, row_order: torch.Tensor | None, kind: str) -> tuple[np.ndarray, float, float]:
+    """K-quant bytes of a layer (rows in ``row_order``), the largest |weight error| and the largest
+    error in units of the group's step s."""
+    codes, d16, dmin16, sc, mn, step, minimum = k_quant_params(q, kind)
+    raw = k_quant_bytes(codes, d16, dmin16, sc, mn, kind)
+    if row_order is not None:
+        raw = raw[row_order.numpy()]
+    sub_codes, s, m = block_params(q, None, QK_K // K_QUANTS[kind][0])
+    err = ((s.unsqueeze(-1) * sub_codes + m.unsqueeze(-1)) - (step.unsqueeze(-1) * sub_codes - minimum.unsqueeze(-1))).abs()
+    return raw, float(err.max()), float((err / s.unsqueeze(-1)).max())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -111,7 +211,9 @@ def _strings(node) -> list[str]:
 def pre_tokenizer_name(tokenizer_json: dict) -> str:
     """llama.cpp's pre-tokenizer type for a GPT-2-style BPE tokenizer.json: `llama-bpe` (Llama 3's
     split regex, digits in runs of 1-3), `qwen2` (the same regex with single digits), `smollm`
-    (single digits, then byte-level), else `default` (GPT-2's regex)."""
+    (single digits, then byte-level), `gpt-2` (byte-level alone, which splits with GPT-2's regex),
+    else `default`. llama.cpp's `default` is not GPT-2's split: it cuts punctuation from the space
+    before it (" +" becomes " ", "+"; measured with llama-cpp-python 0.3.36)."""
     pre = tokenizer_json.get("pre_tokenizer") or {}
     text = " ".join(_strings(pre))
     if "\\p{N}{1,3}" in text:
@@ -120,6 +222,8 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
         return "qwen2"
     if "Digits" in text and '"individual_digits": true' in json.dumps(pre):
         return "smollm"
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
     return "default"
 
 
@@ -177,9 +281,8 @@ def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
     return np.array(out, dtype=np.float32)
 
 
-def add_hf_metadata(w, cfg, tokenizer) -> dict:
+def add_hf_metadata(w, cfg, tokenizer, file_type) -> dict:
     """Architecture keys from the transformers config (and rope_freqs for Llama 3.1 scaling)."""
-    import gguf
 
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rope = dict(getattr(cfg, "rope_parameters", None) or {})
@@ -198,7 +301,7 @@ def add_hf_metadata(w, cfg, tokenizer) -> dict:
     w.add_rope_freq_base(float(rope["rope_theta"]))
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
+    w.add_file_type(file_type)
     rope_type = rope.get("rope_type", "default")
     if rope_type == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim))
@@ -233,9 +336,12 @@ def dense_tensor(arr: np.ndarray, src_type):
     return arr, None
 
 
-def export_gguf(model, source: str, out_file: Path, tokenizer=None, exact: tuple = ("hf16",)) -> dict:
+def export_gguf(model, source: str, out_file: Path, tokenizer=None, exact: tuple = ("hf16",),
+                gguf_type: str = "q4_1", allow_lossy: bool = False) -> dict:
     """Write the merged ``model`` as a GGUF file (metadata from a GGUF ``source``, else from the config
-    and ``tokenizer``). A model it cannot hold is refused, naming the formats in ``exact`` that can."""
+    and ``tokenizer``), its layers as Q4_1 or, where they fit, the K-quant ``gguf_type`` (which changes
+    the model: refused unless ``allow_lossy``). A model it cannot hold is refused, naming the formats in
+    ``exact`` that can."""
     import gguf
 
     cfg = model.config
@@ -250,6 +356,18 @@ def export_gguf(model, source: str, out_file: Path, tokenizer=None, exact: tuple
         why = "act-order groups" if q.group_size % 32 == 0 and q.bits <= 4 else f"{q.bits}-bit g{q.group_size}"
         raise LotaqafError(f"gguf export maps layers of 2-4 bits in contiguous groups of a multiple of 32 onto Q4_1; "
                            f"{bad[0]} has {why}; {alternatives}")
+    if gguf_type not in GGUF_TYPES:
+        raise LotaqafError(f"export.gguf_type={gguf_type}: one of {', '.join(GGUF_TYPES)}")
+    kinds = {n: layer_type(m, gguf_type) for n, m in qmods.items()}
+    if gguf_type != "q4_1" and not allow_lossy:
+        raise LotaqafError(f"export.gguf_type={gguf_type} changes the model ({TYPE_CHANGE[gguf_type]}); "
+                           f"add --allow-lossy, or keep gguf_type=q4_1 (exact up to fp16 minimums)")
+    wide = [n for n, m in qmods.items() if kinds[n] == "q2_k" and m.bits > 2]
+    if wide:
+        raise LotaqafError(f"export.gguf_type=q2_k holds 2-bit codes; {wide[0]} is {qmods[wide[0]].bits}-bit: "
+                           f"use gguf_type=q4_k or q4_1")
+    file_type = {"q4_1": gguf.LlamaFileType.MOSTLY_Q4_1, "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S,
+                 "q2_k": gguf.LlamaFileType.MOSTLY_Q2_K}[gguf_type]
 
     src_path = gguf_file(source)
     src = gguf.GGUFReader(str(src_path)) if src_path is not None else None
@@ -258,11 +376,11 @@ def export_gguf(model, source: str, out_file: Path, tokenizer=None, exact: tuple
     w = gguf.GGUFWriter(str(out_file), arch)
     if src is not None:
         copy_gguf_metadata(w, src)
-        w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
+        w.add_file_type(file_type)
         meta = {"metadata": f"copied from {src_path.name}"}
         src_types = {t.name: t.tensor_type for t in src.tensors}
     else:
-        meta = {"metadata": "built from the config and the Hugging Face tokenizer", **add_hf_metadata(w, cfg, tokenizer)}
+        meta = {"metadata": "built from the config and the Hugging Face tokenizer", **add_hf_metadata(w, cfg, tokenizer, file_type)}
         src_types = {}
     state = model.state_dict()
     max_err, max_steps, counts = 0.0, 0.0, {}
@@ -272,10 +390,13 @@ def export_gguf(model, source: str, out_file: Path, tokenizer=None, exact: tuple
         if arch == "llama" and g.endswith(("attn_q.weight", "attn_k.weight")):
             heads = cfg.num_attention_heads if "attn_q" in g else cfg.num_key_value_heads
             order = rotary_row_order(q.out_features, heads)
-        raw, err, steps = q4_1_blocks(q, order)
+        if kinds[name] == "q4_1":
+            raw, err, steps = q4_1_blocks(q, order)
+        else:
+            raw, err, steps = k_quant_blocks(q, order, kinds[name])
         max_err, max_steps = max(max_err, err), max(max_steps, steps)
-        counts[q.bits] = counts.get(q.bits, 0) + 1
-        w.add_tensor(g, raw, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+        counts[kinds[name]] = counts.get(kinds[name], 0) + 1
+        w.add_tensor(g, raw, raw_dtype=getattr(gguf.GGMLQuantizationType, kinds[name].upper()))
         if q.bias is not None:
             bias = q.bias.detach().float().numpy()
             if order is not None:
@@ -293,4 +414,5 @@ def export_gguf(model, source: str, out_file: Path, tokenizer=None, exact: tuple
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return {**meta, "q4_1_layers": sum(counts.values()), "q4_1_layers_by_bits": counts, "max_weight_error": max_err, "max_weight_error_in_steps": max_steps}
+    return {**meta, "gguf_type": gguf_type, "layers_by_type": counts, "max_weight_error": max_err,
+            "max_weight_error_in_steps": max_steps}

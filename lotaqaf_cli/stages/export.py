@@ -114,18 +114,6 @@ def with_branches(plain: nn.Module, branches: dict) -> nn.Module:
     return out
 
 
-def fp16_minimum_model(model: nn.Module) -> nn.Module:
-    """The merged model as a Q4_1 block holds it: the minimum m = -s * z' rounded to fp16 (the zero
-    point it implies, -m16 / s, replaces z'). Evaluated in float32, it gives the logit change that
-    fp16 storage alone explains."""
-    out = copy.deepcopy(model)
-    for q in quantized_modules(out).values():
-        s = q.scales.double()
-        m16 = (-(s * q.zeros.double())).half().double()
-        q.zeros = (-m16 / s).float()
-    return out
-
-
 @torch.no_grad()
 def compare(a: nn.Module, b: nn.Module, windows: torch.Tensor | None = None) -> dict:
     probe = probe_batch(a.config.vocab_size)

@@ -8,14 +8,16 @@ format and run in the engines that serve them; prints the table of docs/formats.
    with the engines lotaqaf does not depend on: llama-cpp-python, gptqmodel + optimum + peft, torchao.
 2. Per width: `lotaqaf train recipe=smollm2_mmlu quant.bits=B stages=[quantize,train,merge]` (a short
    training; the check is about serving, not accuracy), then `lotaqaf export --format F
-   export.check_python=.serving-venv/bin/python` for gguf, torchao and gptq: each export runs its
+   export.check_python=.serving-venv/bin/python` for gguf, torchao and gptq, and GGUF's smaller
+   K-quants on request (`export.gguf_type=q4_k`, q2_k at 2 bits, --allow-lossy): each export runs its
    engines (8 prompts, 32 greedy tokens, teacher-forced logits) and records them in export-F.json.
 3. One run from a Hugging Face source (SmolLM2 converted to a transformers directory here, calibrated
    and trained on local files), exported to GGUF: the tokenizer metadata built from the HF tokenizer,
    checked by llama.cpp's own tokenizer.
-4. llama.cpp's arithmetic floor: the Q4_1 file's values rewritten as F32 (the gguf package's dequantizer)
-   run in llama.cpp too, so that the table separates what storage explains from what llama.cpp's
-   quantized dot products (activations rounded to 8 bits) add.
+4. llama.cpp's arithmetic floor: every tensor of the Q4_1 file rewritten as F32 (the gguf package's
+   dequantizer) and run in llama.cpp against lotaqaf on the same values, so that the table separates
+   what storage explains from what llama.cpp's quantized dot products (activations rounded to 8
+   bits) add.
 Runs and exports are reused when they exist (delete --out to start over).
 """
 
@@ -127,6 +129,34 @@ def f32_floor(run: Path, python: Path) -> dict:
     return engine_check("llama_cpp", dst_dir, prompts, conts, logits, [str(python)], list(PROBE_TEXTS))
 
 
+def q8_activations(run: Path) -> dict:
+    """lotaqaf on the Q4_1 file's values with the input of every linear rounded as llama.cpp's quantized
+    dot products round it (Q8_1 / Q8_0: per 32 values, d = max|x| / 127 in fp16, codes round(x / d)),
+    against lotaqaf's merged model: the size of the change that rounding alone makes."""
+    import torch
+
+    from lotaqaf_cli.io.checkpoint import load_quantized
+    from lotaqaf_cli.io.gguf_export import stored_model
+    from lotaqaf_cli.stages.export import compare_probe, dequantized_model, probe_prompts, reference_probe
+
+    def q8(_module, args):
+        x = args[0]
+        blocks = x.reshape(*x.shape[:-1], -1, 32)
+        d = blocks.abs().amax(-1, keepdim=True) / 127
+        codes = torch.round(blocks / torch.where(d > 0, d, 1))
+        return ((d.half().float() * codes).reshape(x.shape),)
+
+    model, tok, _ = load_quantized(run / "merged")
+    prompts = probe_prompts(tok, model.config.vocab_size)
+    conts, logits = reference_probe(model, prompts, dense=True)
+    held = dequantized_model(stored_model(model))
+    del model
+    for m in held.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_pre_hook(q8)
+    return compare_probe(conts, logits, *reference_probe(held, prompts, forced_on=conts))
+
+
 def row(width: str, fmt: str, rep: dict, kind: str) -> str:
     e = rep.get("engines", {}).get(kind, {"checked": False, "why": "not run"})
     size = f"{rep['size_bytes'] / 2**20:.1f} MiB, {rep['bits_per_weight']:.2f} b/w"
@@ -160,24 +190,30 @@ def main() -> int:
         if not (run / "merged").exists():
             lotaqaf("train", "recipe=smollm2_mmlu", f"run.dir={run}", "stages=[quantize,train,merge]",
                     f"optim.steps={a.steps}", *extra, cwd=ROOT)
-        formats = ["gguf"] if "HF" in width else ["gguf", "torchao", "gptq"]
-        for fmt in formats:
-            if not (run / f"export-{fmt}.json").exists():
-                lotaqaf("export", f"run={run}", "--format", fmt, f"export.check_python={python}", cwd=ROOT)
-            rep = json.loads((run / f"export-{fmt}.json").read_text())
+        exports = {"gguf": []} if "HF" in width else {"gguf": [], "torchao": [], "gptq": []}
+        if "HF" not in width:  # the smaller K-quants, lossy: Q4_K at every width, Q2_K at 2 bits
+            exports.update({f"gguf-{k}": [f"export.gguf_type={k}", "--allow-lossy"]
+                            for k in (["q4_k", "q2_k"] if width == "INT2" else ["q4_k"])})
+        for name, args in exports.items():
+            if not (run / f"export-{name}.json").exists():
+                lotaqaf("export", f"run={run}", "--format", name.split("-")[0], *args,
+                        f"export.check_python={python}", cwd=ROOT)
+            rep = json.loads((run / f"export-{name}.json").read_text())
             for kind in rep.get("engines", {}):
-                rows.append(row(width, fmt, rep, kind))
-        floors[width] = f32_floor(run, python)
+                rows.append(row(width, name, rep, kind))
+        floors[width] = {"llama_cpp_f32": f32_floor(run, python), "lotaqaf_q8_activations": q8_activations(run)}
     say("\n| format | width | engine | same greedy continuations (of 8 x 32 tokens) | max abs logit diff (the stored "
         "values, run in lotaqaf float32) | size, bits per quantized weight |")
     say("|---|---|---|---|---|---|")
     for r in rows:
         say(r)
-    say("\nllama.cpp on the Q4_1 file's values stored as F32, against lotaqaf on the same values "
-        "(llama.cpp's float arithmetic, without quantized dot products):")
+    say("\nWhere llama.cpp's difference comes from (Q4_1 file):")
     for width, f in floors.items():
-        say(f"- {width}: {f.get('same_continuations')}/8 continuations, max |logit diff| "
-            f"{f.get('max_abs_logit_diff', float('nan')):.2e}" if f["checked"] else f"- {width}: {f['why']}")
+        e, q = f["llama_cpp_f32"], f["lotaqaf_q8_activations"]
+        f32 = (f"{e['same_continuations']}/8, max |logit diff| {e['max_abs_logit_diff']:.2e}" if e["checked"] else e["why"])
+        say(f"- {width}: llama.cpp on the file's values as F32, against lotaqaf on the same values: {f32}; "
+            f"lotaqaf with activations rounded as Q8_1, against the merged model: {q['same_continuations']}/8, "
+            f"max |logit diff| {q['max_abs_logit_diff']:.2e}")
     (out / "table.md").write_text("\n".join(rows) + "\n")
     (out / "floors.json").write_text(json.dumps(floors, indent=1))
     return 0

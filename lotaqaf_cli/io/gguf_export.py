@@ -283,7 +283,6 @@ def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
 
 def add_hf_metadata(w, cfg, tokenizer, file_type) -> dict:
     """Architecture keys from the transformers config (and rope_freqs for Llama 3.1 scaling)."""
-
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rope = dict(getattr(cfg, "rope_parameters", None) or {})
     rope.setdefault("rope_theta", getattr(cfg, "rope_theta", 10000.0))

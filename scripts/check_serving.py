@@ -91,11 +91,13 @@ def hf_source(out: Path) -> tuple[Path, Path, Path]:
         model.load_state_dict(loaded.state_dict())
         AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(d))
         model.save_pretrained(str(d))
-    paras = [p.replace("\n", " ").strip() for f in sorted((ROOT / "docs").rglob("*.md"))
-             for p in f.read_text().split("\n\n") if len(p) > 200]
-    text.write_text("\n".join(paras) + "\n")
-    records = json.loads((ROOT / "lotaqaf_cli/data/shipped/smollm2-train.json").read_text())["records"]
-    train.write_text("".join(json.dumps(r) + "\n" for r in records))
+    if not text.exists():  # written once: the docs change, the run's calibration and held-out text must not
+        paras = [p.replace("\n", " ").strip() for f in sorted((ROOT / "docs").rglob("*.md"))
+                 for p in f.read_text().split("\n\n") if len(p) > 200]
+        text.write_text("\n".join(paras) + "\n")
+    if not train.exists():
+        records = json.loads((ROOT / "lotaqaf_cli/data/shipped/smollm2-train.json").read_text())["records"]
+        train.write_text("".join(json.dumps(r) + "\n" for r in records))
     return d, text, train
 
 

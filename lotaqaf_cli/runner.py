@@ -701,6 +701,9 @@ def _say_export(fmt: str, out_dir: Path, report: dict, branched: bool) -> None:
                    f"{r['new_tokens']} tokens identical, max |logit diff| {r['max_abs_logit_diff']:.3g}"
                    + (f"; its tokenizer gives lotaqaf's ids for {r['tokenizer_same_ids']}/{r['prompts']} prompts"
                       if "tokenizer_same_ids" in r else ""))
+            if kind == "llama_cpp":
+                ui.say("    (llama.cpp rounds activations to 8 bits in its quantized dot products, for any GGUF: "
+                       "docs/formats.md, serving table)")
         else:
             ui.say(f"  {kind}: not checked: {r['why']}")
 

@@ -646,10 +646,10 @@ def cmd_export(cfg: DictConfig, _command: str) -> None:
     from .io import serving
 
     ex = cfg.export
-    fmt = ex.format
+    fmt, gguf_type = ex.format, ex.gguf_type
     run = find_run(cfg.run.dir, cfg.run.root, NEEDS["export"])
     writable_dir(str(run.path), "run.dir")  # where the export goes, before the model loads
-    name = fmt if fmt != "gguf" or ex.gguf_type == "q4_1" else f"gguf-{ex.gguf_type}"  # K-quants beside Q4_1
+    name = f"gguf-{gguf_type}" if fmt == "gguf" and gguf_type != "q4_1" else fmt  # K-quants beside Q4_1
     out_dir = run.export_dir(name)
     model, tok, info = run.load_merged()
     if out_dir.exists():

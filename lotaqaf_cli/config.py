@@ -22,6 +22,14 @@ STAGES = ("quantize", "train", "ppl", "merge", "eval")   # what `lotaqaf train` 
 EVAL_TASKS = ("mmlu", "ppl", "gsm8k")
 EXPORT_FORMATS = ("gguf", "torchao", "gptq", "hf16")
 GGUF_TYPES = ("q4_1", "q4_k", "q2_k")
+GGUF_TYPE_CHANGE = {"q4_k": "6-bit scales and minimums per 32 weights under one fp16 pair per 256",
+                    "q2_k": "4-bit scales and minimums per 16 weights under one fp16 pair per 256"}
+
+
+def lossy_gguf_refusal(gguf_type: str) -> str:
+    """Why a GGUF K-quant export needs --allow-lossy (before any model is loaded, and in export_gguf)."""
+    return (f"export.gguf_type={gguf_type} changes the model ({GGUF_TYPE_CHANGE[gguf_type]}); "
+            f"add --allow-lossy, or keep gguf_type=q4_1 (exact up to fp16 minimums)")
 
 
 def recipes_dir() -> Path:
@@ -294,6 +302,8 @@ def _validate_joint(cfg: DictConfig, command: str) -> None:
                                "TRITON_INTERPRET=1, for tests): use kernels=auto or kernels=torch here")
     if command == "export" and cfg.export.format is None:
         raise LotaqafError(f"export needs --format (export.format): {' | '.join(EXPORT_FORMATS)}")
+    if command == "export" and cfg.export.format == "gguf" and cfg.export.gguf_type != "q4_1" and not cfg.export.allow_lossy:
+        raise LotaqafError(lossy_gguf_refusal(cfg.export.gguf_type))
 
 
 def _check_shipped(cfg: DictConfig, command: str) -> None:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import GGUF_TYPES
+from ..config import GGUF_TYPES, lossy_gguf_refusal
 from ..core.qlinear import QuantLinear, quantized_modules
 from ..errors import LotaqafError
 from .models import gguf_file
@@ -89,8 +89,6 @@ def block_params(q: QuantLinear, row_order: torch.Tensor | None, block: int):
 
 QK_K = 256
 K_QUANTS = {"q4_k": (8, 63), "q2_k": (16, 15)}  # sub-blocks per super-block, largest sc / mn
-TYPE_CHANGE = {"q4_k": "6-bit scales and minimums per 32 weights under one fp16 pair per 256",
-               "q2_k": "4-bit scales and minimums per 16 weights under one fp16 pair per 256"}
 
 
 def layer_type(q: QuantLinear, gguf_type: str) -> str:
@@ -359,8 +357,7 @@ def export_gguf(model, source: str, out_file: Path, tokenizer=None, exact: tuple
         raise LotaqafError(f"export.gguf_type={gguf_type}: one of {', '.join(GGUF_TYPES)}")
     kinds = {n: layer_type(m, gguf_type) for n, m in qmods.items()}
     if gguf_type != "q4_1" and not allow_lossy:
-        raise LotaqafError(f"export.gguf_type={gguf_type} changes the model ({TYPE_CHANGE[gguf_type]}); "
-                           f"add --allow-lossy, or keep gguf_type=q4_1 (exact up to fp16 minimums)")
+        raise LotaqafError(lossy_gguf_refusal(gguf_type))
     wide = [n for n, m in qmods.items() if kinds[n] == "q2_k" and m.bits > 2]
     if wide:
         raise LotaqafError(f"export.gguf_type=q2_k holds 2-bit codes; {wide[0]} is {qmods[wide[0]].bits}-bit: "

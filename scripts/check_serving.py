@@ -101,22 +101,32 @@ def hf_source(out: Path) -> tuple[Path, Path, Path]:
     return d, text, train
 
 
-def f32_floor(run: Path, python: Path) -> dict:
-    """llama.cpp on the exact values of the Q4_1 file, every tensor stored as F32 (no quantized dot
-    product anywhere: the Q8_0 embedding the tied output head reads would round activations too),
-    against lotaqaf on the same values: what llama.cpp's float arithmetic alone changes."""
+def llama_cpp_floors(run: Path, python: Path) -> dict:
+    """Where llama.cpp's difference on the Q4_1 file comes from, from one load of the merged model:
+    - llama_cpp_f32: llama.cpp on the file's exact values, every tensor stored as F32 (no quantized dot
+      product anywhere: the Q8_0 embedding the tied output head reads would round activations too),
+      against lotaqaf on the same values: what llama.cpp's float arithmetic alone changes;
+    - lotaqaf_q8_activations: lotaqaf on the file's values with the input of every linear rounded as
+      llama.cpp's quantized dot products round it (Q8_1 / Q8_0: per 32 values, d = max|x| / 127 in
+      fp16, codes round(x / d)), against lotaqaf's merged model: what that rounding alone changes."""
     import gguf
     import numpy as np
+    import torch
 
     from lotaqaf_cli.io.checkpoint import load_quantized
     from lotaqaf_cli.io.gguf_export import copy_gguf_metadata, stored_model
     from lotaqaf_cli.io.serving import engine_check
-    from lotaqaf_cli.stages.export import PROBE_TEXTS, probe_prompts, reference_probe
+    from lotaqaf_cli.stages.export import (
+        PROBE_TEXTS,
+        compare_probe,
+        dequantized_model,
+        probe_prompts,
+        reference_probe,
+    )
 
-    src = run / "export-gguf/model.gguf"
     dst_dir = run / "gguf-f32-floor"
     dst_dir.mkdir(exist_ok=True)
-    reader = gguf.GGUFReader(str(src))
+    reader = gguf.GGUFReader(str(run / "export-gguf/model.gguf"))
     w = gguf.GGUFWriter(str(dst_dir / "model.gguf"), reader.fields["general.architecture"].contents())
     copy_gguf_metadata(w, reader)
     for t in reader.tensors:
@@ -125,21 +135,14 @@ def f32_floor(run: Path, python: Path) -> dict:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
     model, tok, _ = load_quantized(run / "merged")
     prompts = probe_prompts(tok, model.config.vocab_size)
-    conts, logits = reference_probe(stored_model(model), prompts, dense=True)
-    return engine_check("llama_cpp", dst_dir, prompts, conts, logits, [str(python)], list(PROBE_TEXTS))
-
-
-def q8_activations(run: Path) -> dict:
-    """lotaqaf on the Q4_1 file's values with the input of every linear rounded as llama.cpp's quantized
-    dot products round it (Q8_1 / Q8_0: per 32 values, d = max|x| / 127 in fp16, codes round(x / d)),
-    against lotaqaf's merged model: the size of the change that rounding alone makes."""
-    import torch
-
-    from lotaqaf_cli.io.checkpoint import load_quantized
-    from lotaqaf_cli.io.gguf_export import stored_model
-    from lotaqaf_cli.stages.export import compare_probe, dequantized_model, probe_prompts, reference_probe
+    conts, logits = reference_probe(model, prompts, dense=True)
+    held = dequantized_model(stored_model(model))  # the file's values, in float32
+    del model
+    held_conts, held_logits = reference_probe(held, prompts)
+    f32 = engine_check("llama_cpp", dst_dir, prompts, held_conts, held_logits, [str(python)], list(PROBE_TEXTS))
 
     def q8(_module, args):
         x = args[0]
@@ -148,15 +151,11 @@ def q8_activations(run: Path) -> dict:
         codes = torch.round(blocks / torch.where(d > 0, d, 1))
         return ((d.half().float() * codes).reshape(x.shape),)
 
-    model, tok, _ = load_quantized(run / "merged")
-    prompts = probe_prompts(tok, model.config.vocab_size)
-    conts, logits = reference_probe(model, prompts, dense=True)
-    held = dequantized_model(stored_model(model))
-    del model
     for m in held.modules():
         if isinstance(m, torch.nn.Linear):
             m.register_forward_pre_hook(q8)
-    return compare_probe(conts, logits, *reference_probe(held, prompts, forced_on=conts))
+    return {"llama_cpp_f32": f32,
+            "lotaqaf_q8_activations": compare_probe(conts, logits, *reference_probe(held, prompts, forced_on=conts))}
 
 
 def row(width: str, fmt: str, rep: dict, kind: str) -> str:
@@ -203,7 +202,7 @@ def main() -> int:
             rep = json.loads((run / f"export-{name}.json").read_text())
             for kind in rep.get("engines", {}):
                 rows.append(row(width, name, rep, kind))
-        floors[width] = {"llama_cpp_f32": f32_floor(run, python), "lotaqaf_q8_activations": q8_activations(run)}
+        floors[width] = llama_cpp_floors(run, python)
     say("\n| format | width | engine | same greedy continuations (of 8 x 32 tokens) | max abs logit diff (the stored "
         "values, run in lotaqaf float32) | size, bits per quantized weight |")
     say("|---|---|---|---|---|---|")

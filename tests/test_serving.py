@@ -16,6 +16,7 @@ from lotaqaf_cli.errors import LotaqafError
 from lotaqaf_cli.io.gguf_export import (
     export_gguf,
     k_quant_blocks,
+    layer_type,
     llama3_rope_factors,
     pre_tokenizer_name,
     q4_1_blocks,
@@ -124,6 +125,14 @@ def test_k_quants_through_the_gguf_dequantizer(kind, bits, gs):
             assert err < 1e-7 and steps < 1e-5
         else:
             assert err > 1e-4   # the grid rounds s and s * z' of a random layer
+
+
+def test_k_quants_fall_back_to_q4_1_where_they_do_not_fit():
+    assert layer_type(merged_layer(4, d_in=512, gs=64), "q4_k") == "q4_k"
+    assert layer_type(merged_layer(4, d_in=512, gs=512), "q4_k") == "q4_k"     # whole super-blocks
+    assert layer_type(merged_layer(4, d_in=384, gs=64), "q4_k") == "q4_1"      # D_in not a multiple of 256
+    assert layer_type(merged_layer(4, d_in=768, gs=96), "q4_k") == "q4_1"      # groups across super-blocks
+    assert layer_type(merged_layer(2, d_in=512, gs=64), "q4_1") == "q4_1"
 
 
 def test_gguf_k_quant_refusals(tmp_path):

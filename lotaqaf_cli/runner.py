@@ -427,6 +427,7 @@ def start_distributed(command: str, cfg: DictConfig) -> None:
         raise LotaqafError(f"optim.grad_accum={cfg.optim.grad_accum} is not a multiple of the {ranks} ranks: each "
                            "rank runs optim.grad_accum / ranks micro-batches a step (set optim.grad_accum to a "
                            f"multiple of {ranks}; the global batch is optim.batch_size x optim.grad_accum)")
+    dist.watch_launcher()
     dist.init(pick_device(cfg).type)
     if not dist.main():
         os.environ["LOTAQAF_QUIET"] = "1"
@@ -434,17 +435,22 @@ def start_distributed(command: str, cfg: DictConfig) -> None:
 
 
 
+DISTRIBUTED = ("quantize", "train")  # the steps every rank runs under torchrun; the rest run on rank 0 alone
+
+
 def cmd_chain(cfg: DictConfig, command: str) -> None:
     stages = ["quantize"] if command == "quantize" else list(cfg.stages)
     if dist.active() and not dist.main():  # quantize and train run on every rank; what follows, on rank 0
-        stages = [st for st in stages if st in ("quantize", "train")]
+        stages = [st for st in stages if st in DISTRIBUTED]
     run = RunDir(dist.from_main(lambda: str(RunDir.for_config(cfg).path)), cfg)  # rank 0 names it
     s = Session(cfg, run, stages=stages)
     dist.from_main(lambda: preflight(s, stages))
-    name = stages[0]
+    name = stages[0] if stages else None
     device, peaks = pick_device(cfg), {}
     try:
         for name in stages:
+            if dist.active() and name not in DISTRIBUTED:  # the group's work is done (the other ranks' loop
+                dist.leave()                               # ended): rank 0 runs the rest as one process
             ui.say(f"[bold]== {name} ==[/bold]")
             memory.trim_heap()
             memory.reset_peak(device)
@@ -456,6 +462,9 @@ def cmd_chain(cfg: DictConfig, command: str) -> None:
                           f"{peaks[name]} GB)")
             else:
                 s.run.log(f"stage {name} done")
+        dist.leave()
+        if dist.left():  # a rank other than 0: rank 0 reports and marks the run
+            return
     except Interrupted as e:
         s.run.mark("interrupted", stage=name, reason=str(e))
         again = f"resume=true run.dir={s.run.path}" if s.run.path.is_dir() else ""

@@ -3,11 +3,17 @@
 - no module in stages/ imports another stage module; core/ imports nothing from io/, stages/, eval/
   or transformers; the package has no import cycle (read from the source, every import counted);
 - a chained `lotaqaf train` loads the quantized base from disk at most once;
-- every key of every recipe is read by the code that runs it.
+- every key of every recipe is read by the code that runs it;
+- no top-level folder of the checkout shadows a package of the ecosystem from the repository root
+  (where `python -m`, pytest and torchrun put it first on sys.path): `import kernels` is Hugging
+  Face's package, which transformers imports while it loads a model.
 """
 
 import ast
+import importlib.metadata
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,6 +106,46 @@ def test_the_rules_catch_a_violation(tmp_path, monkeypatch):
         test_import_rules()
     with pytest.raises(AssertionError, match="import cycle"):
         test_no_import_cycle()
+
+
+# --------------------------------------------------------------------------- no name of ours shadows another's
+
+ROOT = PKG.parent
+SHADOW_PROBE = """
+import importlib.util, sys
+import torch, transformers
+root = sys.argv[2]
+for name in ("kernels", "scripts", "tests", "recipes"):
+    spec = importlib.util.find_spec(name)
+    where = spec.origin if spec is not None else None
+    print(name, where if where and where != "namespace" else ("namespace" if spec else "absent"))
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])
+print("logits", tuple(model(torch.tensor([[1, 2, 3]])).logits.shape))
+"""
+
+
+def test_no_top_level_folder_shadows_an_installed_package(tmp_path):
+    from tiny_models import tiny_model_dir
+
+    # Only lotaqaf_cli is a regular package at the top; kernels/ holds lotaqaf_kernels one level down.
+    regular = sorted(d.name for d in ROOT.iterdir() if d.is_dir() and (d / "__init__.py").exists())
+    assert regular == ["lotaqaf_cli"], regular
+    assert (ROOT / "kernels" / "lotaqaf_kernels" / "__init__.py").is_file()
+
+    model = tiny_model_dir(tmp_path / "model")
+    res = subprocess.run([sys.executable, "-c", SHADOW_PROBE, str(model), str(ROOT)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    found = dict(line.split(" ", 1) for line in res.stdout.splitlines())
+    assert found["logits"] == "(1, 3, 256)", res.stdout
+    for name in ("scripts", "tests", "recipes"):  # at most a namespace portion, which any installed package beats
+        assert found[name] in ("absent", "namespace") or not found[name].startswith(str(ROOT)), found
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("Hugging Face's kernels package is not installed (transformers < 5.25 does not need it)")
+    assert found["kernels"] not in ("absent", "namespace"), found
+    assert not found["kernels"].startswith(str(ROOT) + "/kernels"), found
 
 
 # --------------------------------------------------------------------------- the base is loaded once

@@ -13,8 +13,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-# What the GPU image lacks that `lotaqaf train` imports (pure-Python wheels; omegaconf needs antlr4 4.9.*).
-GPU_WHEELS="hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3"
+# What the GPU image lacks that `lotaqaf train` imports (pure-Python wheels; omegaconf needs antlr4 4.9.*),
+# at the versions of the lock (constraints.txt).
+GPU_WHEELS=$(grep -iE '^(hydra-core|omegaconf|antlr4-python3-runtime)==' constraints.txt | tr '\n' ' ')
 
 if [ "${1:-}" = "--download-wheels" ]; then
   mkdir -p .whl

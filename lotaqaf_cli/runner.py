@@ -434,7 +434,6 @@ def start_distributed(command: str, cfg: DictConfig) -> None:
     dist.same_on_all(OmegaConf.to_yaml(cfg, resolve=True), "the resolved config")
 
 
-
 DISTRIBUTED = ("quantize", "train")  # the steps every rank runs under torchrun; the rest run on rank 0 alone
 
 

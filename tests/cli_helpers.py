@@ -1,5 +1,7 @@
-"""Helpers for the tests that drive the `lotaqaf` command line in a temporary directory."""
+"""Helpers for the tests that drive the `lotaqaf` command line in a temporary directory, or a script
+under scripts/."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -25,3 +27,12 @@ def one_line_error(capsys, argv, needle):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (scripts/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,34 +1,24 @@
 """scripts/ablate.py without training: the recovery formula and the crossing count against hand
 computations, and the report (markdown rows, clipped chart) from a results dict."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import torch
+from cli_helpers import load_script
 
 from lotaqaf_cli.core.qlinear import QuantLinear
 from lotaqaf_cli.core.ternary import TernaryLinear
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("ablate", ROOT / "scripts" / "ablate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 def test_recovery_in_log_perplexity():
-    ab = _script()
+    ab = load_script("ablate")
     assert ab.recovery(100.0, 100.0, 10.0) == 0.0 and ab.recovery(10.0, 100.0, 10.0) == 1.0
     assert math.isclose(ab.recovery(math.sqrt(1000.0), 100.0, 10.0), 0.5)   # halfway in log space
     assert ab.recovery(200.0, 100.0, 10.0) < 0                               # worse than GPTQ
 
 
 def test_crossing_counts_products_above_omega_even_with_markers_off():
-    ab = _script()
+    ab = load_script("ablate")
     codes = torch.full((4, 3), 1, dtype=torch.uint8)
     base = QuantLinear.from_quantized(codes, torch.ones(1, 3), torch.zeros(1, 3), torch.zeros(4, dtype=torch.int32),
                                       2, 4)
@@ -44,7 +34,7 @@ def test_crossing_counts_products_above_omega_even_with_markers_off():
 
 
 def test_report_rows_and_chart(tmp_path):
-    ab = _script()
+    ab = load_script("ablate")
     row = dict(bits=3, group_size=64, rank=64, omega=48, offset_granularity="group", markers=True,
                schedule="reference", steps=40, codes_changed=2e-6, codes_up=1e-6, codes_down=1e-6,
                blocked_frac=0.0, crossing_frac=3e-6, max_abs_dW_over_omega=1.2, train_seconds=300.0, run="r")

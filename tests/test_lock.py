@@ -2,17 +2,9 @@
 the check `make setup` runs after installing: the same set passes, another version or an unlocked
 package fails with exit 2."""
 
-import importlib.util
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _lock():
-    spec = importlib.util.spec_from_file_location("lock", ROOT / "scripts" / "lock.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from cli_helpers import load_script
 
 
 def _site(path: Path, pkgs: dict[str, str]) -> str:
@@ -24,7 +16,7 @@ def _site(path: Path, pkgs: dict[str, str]) -> str:
 
 
 def test_lock_round_trip_and_check(tmp_path, capsys):
-    lock = _lock()
+    lock = load_script("lock")
     site = _site(tmp_path / "site", {"Foo_Bar": "1.2", "torch": "2.13.0+cpu", "lotaqaf": "0.1.0",
                                      "setuptools": "65.5.0", "pip": "26.3"})
     path = tmp_path / "constraints.txt"

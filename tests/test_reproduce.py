@@ -5,25 +5,16 @@ adapter model scored (every MMLU prediction and the perplexity), and LoTA-QAF lo
 perplexity relative to plain GPTQ at INT2.
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "scripts" / "reproduce.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from cli_helpers import load_script
 
 
 @pytest.mark.slow
 def test_reproduce_quick(tmp_path, smollm2_loaded):
-    rep = _script()
+    rep = load_script("reproduce")
     out = tmp_path / "results" / "smollm2_quick"
     args = rep.parse_args(["--quick", "--steps", "3", "--root", str(tmp_path / "runs"), "--out", str(out)])
     res = rep.reproduce(args, source=smollm2_loaded)

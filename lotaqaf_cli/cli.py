@@ -1,4 +1,4 @@
-"""Command line: argument parsing -> Hydra compose -> validation -> the runner; nothing else.
+"""Command line: argument parsing -> Hydra compose -> validation -> commands.py; nothing else.
 
     lotaqaf <command> [recipe=NAME] [key=value ...] [short flags] [--cfg] [--debug]
     lotaqaf recipes
@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Commands: " + "; ".join(f"{k}: {v}" for k, v in COMMANDS.items())
         + ". `lotaqaf recipes` lists the recipes. Every command takes recipe=NAME and key=value overrides; "
         "run=DIR is run.dir=DIR.")
-    p.add_argument("stage", choices=[*COMMANDS, "recipes"], help="the command")
+    p.add_argument("command", choices=[*COMMANDS, "recipes"], help="the command")
     p.add_argument("overrides", nargs="*", help="recipe=NAME and key=value overrides (Hydra syntax)")
     p.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -82,7 +82,7 @@ def _recipe_of_run(command: str, overrides: list[str]) -> list[str]:
         run = find_run(given.get("run.dir"), given.get("run.root", "runs"), NEEDS[command])
         name = run.config().get("name")
     except LotaqafError:
-        return []  # the runner reports a missing run, after the config is checked
+        return []  # the command reports a missing run, after the config is checked
     return [f"recipe={name}"] if name in group_options("recipe") else []
 
 
@@ -103,20 +103,20 @@ def _print_recipes() -> None:
 def _run(args) -> int:
     from .config import compose, to_yaml, validate
 
-    if args.stage == "recipes":
+    if args.command == "recipes":
         _print_recipes()
         return 0
     overrides = overrides_of(args)
-    if args.stage in RUN_COMMANDS:
-        overrides = _recipe_of_run(args.stage, overrides) + overrides
+    if args.command in RUN_COMMANDS:
+        overrides = _recipe_of_run(args.command, overrides) + overrides
     cfg = compose(overrides)
     if args.cfg:
         sys.stdout.write(to_yaml(cfg))
         return 0
-    validate(cfg, args.stage)
-    from .runner import run_command
+    validate(cfg, args.command)
+    from .commands import run_command
 
-    run_command(args.stage, cfg)
+    run_command(args.command, cfg)
     return 0
 
 

@@ -21,15 +21,6 @@ DEFAULT_RECIPE = "smollm2_mmlu"
 STAGES = ("quantize", "train", "ppl", "merge", "eval")   # what `lotaqaf train` may chain
 EVAL_TASKS = ("mmlu", "ppl", "gsm8k")
 EXPORT_FORMATS = ("gguf", "torchao", "gptq", "hf16")
-GGUF_TYPES = ("q4_1", "q4_k", "q2_k")
-GGUF_TYPE_CHANGE = {"q4_k": "6-bit scales and minimums per 32 weights under one fp16 pair per 256",
-                    "q2_k": "4-bit scales and minimums per 16 weights under one fp16 pair per 256"}
-
-
-def lossy_gguf_refusal(gguf_type: str) -> str:
-    """Why a GGUF K-quant export needs --allow-lossy (before any model is loaded, and in export_gguf)."""
-    return (f"export.gguf_type={gguf_type} changes the model ({GGUF_TYPE_CHANGE[gguf_type]}); "
-            f"add --allow-lossy, or keep gguf_type=q4_1 (exact up to fp16 minimums)")
 
 
 def recipes_dir() -> Path:
@@ -182,12 +173,13 @@ DTYPES = ("float32", "float16", "bfloat16")
 def schema() -> dict[str, Rule]:
     """The rule of every key a composed config may hold (keys of one adapter or optimizer kind only
     appear with it). A key missing here is an unknown key."""
-    from .core.ternary import GRANULARITIES
+    from .core.offset_pooling import GRANULARITIES
     from .core.tsignsgd import SCHEDULES
     from .data.mmlu import FEWSHOT_ROWS
     from .data.sft import SOURCES as DATA_SOURCES
-    from .eval.mmlu import ENGINES
+    from .eval.mmlu import MMLU_ENGINES
     from .io.adapter import KINDS
+    from .io.gguf_export import GGUF_TYPES
 
     text = {"source": Choice(*TEXT_SOURCES), "path": PATH, "n_samples": Int(1), "seq_len": Int(8),
             "seed": Int(0)}
@@ -218,7 +210,7 @@ def schema() -> dict[str, Rule]:
         "data.source_len": Int(0), "data.target_len": Int(1), "data.seed": Int(0),
         "eval.tasks": Rule("list", item=Choice(*EVAL_TASKS), nonempty=True), "eval.model": PATH,
         "eval.mmlu_source": Choice("auto", "hub", "offline"), "eval.num_fewshot": Int(0, FEWSHOT_ROWS, high_closed=True),
-        "eval.limit": Int(1, nullable=True), "eval.engine": Choice(*ENGINES), "eval.batch_size": Int(1),
+        "eval.limit": Int(1, nullable=True), "eval.engine": Choice(*MMLU_ENGINES), "eval.batch_size": Int(1),
         "eval.gsm8k_file": PATH,
         "merge.verify": BOOL, "merge.unmerge": BOOL,
         "export.format": Choice(*EXPORT_FORMATS, nullable=True), "export.allow_lossy": BOOL,
@@ -303,6 +295,8 @@ def _validate_joint(cfg: DictConfig, command: str) -> None:
     if command == "export" and cfg.export.format is None:
         raise LotaqafError(f"export needs --format (export.format): {' | '.join(EXPORT_FORMATS)}")
     if command == "export" and cfg.export.format == "gguf" and cfg.export.gguf_type != "q4_1" and not cfg.export.allow_lossy:
+        from .io.gguf_export import lossy_gguf_refusal
+
         raise LotaqafError(lossy_gguf_refusal(cfg.export.gguf_type))
 
 

@@ -37,15 +37,16 @@ import time
 from pathlib import Path
 
 import torch
+from report import pyplot, save_figure, write_results  # scripts/ is on sys.path when a script runs
 
 from lotaqaf_cli import ui
+from lotaqaf_cli.chain import run_step
 from lotaqaf_cli.config import compose, validate
 from lotaqaf_cli.core.perplexity import perplexity
 from lotaqaf_cli.core.ternary import TernaryLinear
-from lotaqaf_cli.io.files import atomic_file, write_json_atomic, write_text_atomic
 from lotaqaf_cli.io.models import load_model
 from lotaqaf_cli.io.rundir import RunDir
-from lotaqaf_cli.runner import Session, step_quantize, step_train
+from lotaqaf_cli.session import Session
 
 RECIPE = "smollm2_mmlu"
 GROUP_SIZE = {3: 64, 2: 32}
@@ -186,12 +187,12 @@ def ablate(args) -> dict:
             cfg = config(bits, variant, args, stamp)
             torch.manual_seed(cfg.seed)
             ses = Session(cfg, RunDir.for_config(cfg), source=source)
-            step_quantize(ses)
+            run_step(ses, "quantize")
             source = ses.source
-            windows, digest = ses.text("heldout", cfg.ppl)
+            windows, digest = ses.windows_for("heldout", cfg.ppl)
             sweep.reference(cfg, source.model, ses.base, bits, windows, digest)
             ui.say(f"[bold]== INT{bits}: {variant} ({VARIANTS[variant][0]}) ==[/bold]")
-            step_train(ses)
+            run_step(ses, "train")
             sweep.add(bits, variant, cfg, ses.adapted, ses.run.read_record("train"), ses.run.path)
             del ses
     return sweep.result()
@@ -243,11 +244,7 @@ def markdown(res: dict) -> str:
 
 
 def chart(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     bits = sorted({r["bits"] for r in res["rows"]}, reverse=True)
     fig, axes = plt.subplots(1, len(bits), figsize=(5.5 * len(bits), 4), squeeze=False)
     for ax, b in zip(axes[0], bits, strict=True):
@@ -265,17 +262,11 @@ def chart(res: dict, path: Path) -> None:
         ax.invert_yaxis()
     fig.suptitle("SmolLM2-135M-Instruct: LoTA-QAF ablations")
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def write_outputs(res: dict, out: str | Path) -> None:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out.with_suffix(".json"), res)
-    write_text_atomic(out.with_suffix(".md"), markdown(res))
-    chart(res, out.with_suffix(".png"))
+def write_outputs(res: dict, out: str | Path) -> dict:
+    return write_results(res, out, markdown, chart)
 
 
 def main(argv=None) -> int:

@@ -113,16 +113,11 @@ def llama_cpp_floors(run: Path, python: Path) -> dict:
     import numpy as np
     import torch
 
+    from lotaqaf_cli.core.qlinear import dequantized_model
     from lotaqaf_cli.io.checkpoint import load_quantized
     from lotaqaf_cli.io.gguf_export import copy_gguf_metadata, stored_model
-    from lotaqaf_cli.io.serving import engine_check
-    from lotaqaf_cli.stages.export import (
-        PROBE_TEXTS,
-        compare_probe,
-        dequantized_model,
-        probe_prompts,
-        reference_probe,
-    )
+    from lotaqaf_cli.serving.engines import engine_check
+    from lotaqaf_cli.serving.probe import PROBE_TEXTS, compare_probe, probe_prompts, reference_probe
 
     dst_dir = run / "gguf-f32-floor"
     dst_dir.mkdir(exist_ok=True)

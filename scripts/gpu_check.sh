@@ -38,7 +38,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 # 2. the checkout importable as it is: lotaqaf_cli from the root, lotaqaf_kernels from kernels/
 export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
-$PY -c "import torch, lotaqaf_cli.runner, lotaqaf_kernels; print('torch', torch.__version__, '| cuda', torch.cuda.is_available(), '| kernels mode', lotaqaf_kernels.mode(), '| triton', lotaqaf_kernels.triton_available())"
+$PY -c "import torch, lotaqaf_cli.commands, lotaqaf_kernels; print('torch', torch.__version__, '| cuda', torch.cuda.is_available(), '| kernels mode', lotaqaf_kernels.mode(), '| triton', lotaqaf_kernels.triton_available())"
 
 # 3. kernels vs the torch path on CUDA, the certificate 0.0 through the chain on CUDA, a CUDA train-resume
 if [ $dry = 1 ]; then

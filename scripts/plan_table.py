@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 
 from lotaqaf_cli.config import compose, list_recipes
-from lotaqaf_cli.runner import make_plan
-from lotaqaf_cli.stages.plan import summary
+from lotaqaf_cli.session import pick_device
+from lotaqaf_cli.stages.plan import for_config, summary
 
 EXTRA = {"llama33_70b_mmlu": [[], ["quant.bits=4"]], "qwen25_32b_mmlu": [[], ["quant.bits=4"]]}
 
@@ -32,7 +32,7 @@ def main() -> None:
             continue
         for extra in EXTRA.get(name, [[]]):
             cfg = compose([f"recipe={name}", "stages=[quantize,train,ppl,merge,eval]", *device, *extra])
-            p, _, _ = make_plan(cfg, list(cfg.stages))
+            p, _, _ = for_config(cfg, list(cfg.stages), pick_device(cfg))
             s = summary(p, None)
             cells = [f"{s['stages'][k]['gb']:.1f}" for k in stages]
             other = next(k for k in s if k.startswith("train_checkpointing_"))

@@ -26,15 +26,17 @@ import time
 from pathlib import Path
 
 import torch
+from report import pyplot, save_figure, write_results  # scripts/ is on sys.path when a script runs
 
 from lotaqaf_cli import ui
+from lotaqaf_cli.chain import run_step
 from lotaqaf_cli.config import compose, validate
 from lotaqaf_cli.core.perplexity import perplexity
 from lotaqaf_cli.data import mmlu
 from lotaqaf_cli.eval.mmlu import evaluate_mmlu
-from lotaqaf_cli.io.files import atomic_file, write_json_atomic, write_text_atomic
+from lotaqaf_cli.io.files import write_text_atomic
 from lotaqaf_cli.io.rundir import RunDir
-from lotaqaf_cli.runner import Session, step_merge, step_quantize, step_train
+from lotaqaf_cli.session import Session
 
 RECIPE = "smollm2_mmlu"
 GROUP_SIZE = {4: 64, 3: 64, 2: 32}        # INT2 uses g32 (issue 3's setting); the paper uses g64 throughout
@@ -120,22 +122,22 @@ def reproduce(args, source=None) -> dict:
             ses = Session(cfg, RunDir.for_config(cfg), source=source)
             if i == 0:
                 ui.say(f"[bold]== INT{bits} g{GROUP_SIZE[bits]}: GPTQ ==[/bold]")
-            step_quantize(ses)  # the first method quantizes (or reuses the cache); the others load the same base
+            run_step(ses, "quantize")  # the first method quantizes (or reuses the cache); the others load the same base
             source = ses.source
             if windows is None:  # the same held-out windows for every model
-                windows, heldout_hash = ses.text("heldout", cfg.ppl)
+                windows, heldout_hash = ses.windows_for("heldout", cfg.ppl)
                 ui.say("[bold]== 16-bit ==[/bold]")
                 rows.append(row("base", 16, score(source.model, source.tokenizer, windows, s)))
             if i == 0:
                 rows.append(row("gptq", bits, score(ses.base, source.tokenizer, windows, s)))
             ui.say(f"[bold]== INT{bits}: {LABELS[method]} ==[/bold]")
-            step_train(ses)
+            run_step(ses, "train")
             adapter_scores = score(ses.adapted, source.tokenizer, windows, s)
             extra = {"train_seconds": ses.timings["train_s"], "run": str(ses.run.path)}
             if not method.startswith("lota"):
                 rows.append(row(method, bits, adapter_scores, extra))
             else:
-                step_merge(ses)
+                run_step(ses, "merge")
                 cert = ses.run.read_record("merge_certificate")
                 merged_model, _, merged_info = ses.run.load_merged()  # the written checkpoint, as a user loads it
                 merged_scores = score(merged_model, source.tokenizer, windows, s)
@@ -229,11 +231,7 @@ def markdown(res: dict) -> str:
 
 
 def chart(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = res["rows"]
     bits = list(res["settings"]["bits"])
     methods = ["gptq", *METHODS]
@@ -255,18 +253,11 @@ def chart(res: dict, path: Path) -> None:
     ax1.legend(fontsize=8)
     fig.suptitle(f"SmolLM2-135M-Instruct, {rows[0]['n_questions']} MMLU questions")
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_outputs(res: dict, out: str | Path) -> dict:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out.with_suffix(".json"), res)
-    write_text_atomic(out.with_suffix(".md"), markdown(res))
-    chart(res, out.with_suffix(".png"))
-    return {k: str(out.with_suffix(k)) for k in (".md", ".json", ".png")}
+    return write_results(res, out, markdown, chart)
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,10 @@
 import os
 
+import lotaqaf_kernels as kernels
 import pytest
 import torch
+
+pytest_plugins = ["cli_helpers"]  # its fixtures (in_tmp) for every test module
 
 os.environ.setdefault("LOTAQAF_QUIET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,6 +13,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 if not torch.cuda.is_available():  # the Triton kernels run on CPU tensors in triton's interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def mode():
+    """Set the kernel mode for one test (``mode("torch")``); the previous one is restored after it."""
+    before = kernels.mode()
+    yield kernels.set_mode
+    kernels.set_mode(before)
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from lotaqaf_cli.core.offset_pooling import GRANULARITIES
 from lotaqaf_cli.core.qlinear import QuantLinear
 from lotaqaf_cli.core.quant import max_code
-from lotaqaf_cli.core.ternary import GRANULARITIES
 
 
 def _check(granularity: str) -> None:

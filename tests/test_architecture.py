@@ -2,6 +2,7 @@
 
 - no module in stages/ imports another stage module; core/ imports nothing from io/, stages/, eval/
   or transformers; the package has no import cycle (read from the source, every import counted);
+- every module sits in a layer of docs/architecture.md's table and imports nothing of a higher rank;
 - a chained `lotaqaf train` loads the quantized base from disk at most once;
 - every key of every recipe is read by the code that runs it;
 - no top-level folder of the checkout shadows a package of the ecosystem from the repository root
@@ -67,9 +68,65 @@ def test_import_rules():
             bad += [(mod, d) for d in deps if d.startswith("lotaqaf_cli.stages.")]
         if mod.startswith("lotaqaf_cli.core"):
             bad += [(mod, d) for d in deps if d == "transformers" or
-                    d.startswith(("lotaqaf_cli.io", "lotaqaf_cli.stages", "lotaqaf_cli.eval", "lotaqaf_cli.runner",
-                                  "lotaqaf_cli.cli", "lotaqaf_cli.config", "lotaqaf_cli.ui"))]
+                    d.startswith(("lotaqaf_cli.io", "lotaqaf_cli.stages", "lotaqaf_cli.eval", "lotaqaf_cli.commands",
+                                  "lotaqaf_cli.chain", "lotaqaf_cli.session", "lotaqaf_cli.cli",
+                                  "lotaqaf_cli.config", "lotaqaf_cli.ui"))]
     assert not bad, bad
+
+
+DOC = PKG.parent / "docs" / "architecture.md"
+
+
+def layer_table(doc: Path = DOC) -> list[tuple[int, str, list[str]]]:
+    """(rank, layer, modules) from the table under "## Layers" in docs/architecture.md: a module is a name
+    (`ui.py` -> lotaqaf_cli.ui) or a package and all below it (`io/` -> lotaqaf_cli.io.*)."""
+    text = doc.read_text().split("## Layers", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].isdigit():
+            names = []
+            for entry in cells[2].replace("`", " ").split():
+                name = entry.removesuffix(".py").removesuffix("/")
+                name = "lotaqaf_cli" if name == "__init__" else f"lotaqaf_cli.{name.replace('/', '.')}"
+                names.append(name + ".*" if entry.endswith("/") else name)
+            rows.append((int(cells[0]), cells[1], names))
+    return rows
+
+
+def rank_of(module: str, rows) -> int | None:
+    found = [r for r, _, names in rows for n in names
+             if module == n.removesuffix(".*") or (n.endswith(".*") and module.startswith(n[:-1]))]
+    return found[0] if len(found) == 1 else None
+
+
+def upward_imports(graph: dict[str, set[str]], rows) -> list[str]:
+    """Every import of a module from a layer of higher rank, and every module no row (or two) names."""
+    bad = [f"{m}: in no layer of docs/architecture.md (or in two)" for m in graph if rank_of(m, rows) is None]
+    for mod, deps in graph.items():
+        r = rank_of(mod, rows)
+        for d in deps:
+            rd = rank_of(d, rows) if d.startswith("lotaqaf_cli") else None
+            if r is not None and rd is not None and rd > r:
+                bad.append(f"{mod} (rank {r}) imports {d} (rank {rd})")
+    return sorted(bad)
+
+
+def test_layer_order():
+    rows = layer_table()
+    assert [r for r, _, _ in rows] == list(range(len(rows))) and rows[0][1] == "core", rows
+    bad = upward_imports(_imports(), rows)
+    assert not bad, "\n".join(bad)
+
+
+def test_the_layer_order_catches_an_upward_import():
+    rows = [(0, "core", ["lotaqaf_cli.core.*"]), (1, "io", ["lotaqaf_cli.io.*"]), (2, "cli", ["lotaqaf_cli.cli"])]
+    graph = {"lotaqaf_cli.io.a": {"lotaqaf_cli.core.q", "torch"}, "lotaqaf_cli.cli": {"lotaqaf_cli.io.a"}}
+    assert upward_imports(graph, rows) == []
+    graph["lotaqaf_cli.io.a"].add("lotaqaf_cli.cli")
+    graph["lotaqaf_cli.extra"] = set()
+    assert upward_imports(graph, rows) == ["lotaqaf_cli.extra: in no layer of docs/architecture.md (or in two)",
+                                           "lotaqaf_cli.io.a (rank 1) imports lotaqaf_cli.cli (rank 2)"]
 
 
 def test_no_import_cycle():
@@ -152,7 +209,7 @@ def test_no_top_level_folder_shadows_an_installed_package(tmp_path):
 
 def test_chain_loads_the_base_at_most_once(tmp_path, monkeypatch):
     import lotaqaf_cli.io.checkpoint as ckpt
-    from lotaqaf_cli.runner import run_command
+    from lotaqaf_cli.commands import run_command
 
     monkeypatch.chdir(tmp_path)
     reads = []
@@ -216,7 +273,7 @@ def key_reads(monkeypatch):
 def test_every_recipe_key_is_read(tmp_path, monkeypatch, key_reads):
     from tiny_models import corpus, tiny_model_dir
 
-    from lotaqaf_cli.runner import run_command
+    from lotaqaf_cli.commands import run_command
 
     monkeypatch.chdir(tmp_path)
     tiny = tiny_model_dir(tmp_path / "tiny")

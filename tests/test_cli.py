@@ -9,11 +9,7 @@ from cli_helpers import one_line_error
 
 from lotaqaf_cli.cli import main
 
-
-@pytest.fixture(autouse=True)
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("in_tmp")  # every test runs in its own temporary directory
 
 
 def test_cfg_prints_resolved_config(capsys):

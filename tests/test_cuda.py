@@ -10,32 +10,18 @@ import subprocess
 import sys
 import time
 
-import lotaqaf_kernels as kernels
 import pytest
 import torch
+from layers import random_qlinear
 
-from lotaqaf_cli.core.qlinear import QuantLinear
 from lotaqaf_cli.core.ternary import TernaryLinear
 
 pytestmark = pytest.mark.cuda
 
 
-@pytest.fixture
-def mode():
-    before = kernels.mode()
-    yield kernels.set_mode
-    kernels.set_mode(before)
-
-
 def _layer(d_in, d_out, bits, gs, act_order, seed):
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 2**bits, (d_in, d_out), generator=g)
-    scales = torch.rand(d_in // gs, d_out, generator=g) * 0.02 + 0.005
-    zeros = torch.rand(d_in // gs, d_out, generator=g) * (2**bits - 1)
-    g_idx = torch.arange(d_in, dtype=torch.int32) // gs
-    if act_order:
-        g_idx = g_idx[torch.randperm(d_in, generator=g)]
-    return QuantLinear.from_quantized(codes, scales, zeros, g_idx, bits, gs, torch.randn(d_out, generator=g)).cuda()
+    return random_qlinear(d_in, d_out, bits, gs, seed=seed, act_order=act_order, bias=True, zeros="fractional",
+                          scales=(0.005, 0.02)).cuda()
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import copy_smoke_run, one_line_error, run_commands_in
 
 from lotaqaf_cli.cli import main
 from lotaqaf_cli.io.adapter import read_adapter
@@ -123,31 +124,14 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A smoke run trained and merged once for the merge / eval / export cases."""
-    root = tmp_path_factory.mktemp("trained")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        assert main(["train", "recipe=smoke", "run.dir=runs/ok", "stages=[quantize,train,merge]",
-                     "optim.steps=2"]) == 0
-    finally:
-        os.chdir(cwd)
-    return root / "runs/ok"
+def trained(tmp_path_factory, smoke_lota_root):
+    """The session's smoke run, merged, for the merge / eval / export cases."""
+    root = copy_smoke_run(smoke_lota_root, tmp_path_factory.mktemp("trained"), "runs/ok")
+    return run_commands_in(root, [["merge", "run=runs/ok"]]) / "runs/ok"
 
 
 def _tree(path: Path) -> dict:
     return {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*"))}
-
-
-def _one_line_error(capsys, argv, code=2, prefix="lotaqaf: error: ") -> str:
-    capsys.readouterr()
-    assert main(argv) == code, argv
-    cap = capsys.readouterr()
-    err = cap.err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith(prefix), err
-    assert "Traceback" not in cap.err + cap.out
-    return err
 
 
 @pytest.mark.parametrize("case,argv,needle", CASES, ids=[c[0] for c in CASES])
@@ -162,7 +146,7 @@ def test_bad_input(case, argv, needle, capsys, tmp_path, monkeypatch, trained):
         shutil.rmtree(tmp_path / "copy/merged")
     argv = [{"run=RUN": f"run={trained}", "run=COPY": "run=copy"}.get(a, a) for a in argv]
     before, run_before = _tree(tmp_path), _tree(trained)
-    err = _one_line_error(capsys, argv)
+    err = one_line_error(capsys, argv)
     assert needle in err, err
     assert _tree(tmp_path) == before, "a refused command left files behind"
     assert _tree(trained) == run_before
@@ -195,7 +179,7 @@ def test_sigint_during_training_resumes_bit_identical(capsys, tmp_path, monkeypa
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=interrupt_after_first_checkpoint, daemon=True).start()
-    err = _one_line_error(capsys, [*train, "run.dir=runs/cut"], code=130, prefix="lotaqaf: interrupted by SIGINT")
+    err = one_line_error(capsys, [*train, "run.dir=runs/cut"], code=130, prefix="lotaqaf: interrupted by SIGINT")
     assert "after step" in err and "resume=true run.dir=runs/cut" in err, err
     status = json.loads((tmp_path / "runs/cut/status.json").read_text())
     assert status["state"] == "interrupted" and status["stage"] == "train"
@@ -227,7 +211,7 @@ def test_disk_full_while_writing_is_one_line_and_the_run_is_marked_failed(capsys
         return real(tensors, filename, metadata=metadata)
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
-    err = _one_line_error(capsys, ["train", *SMOKE, "optim.steps=2", "run.dir=runs/smoke/2-full"])
+    err = one_line_error(capsys, ["train", *SMOKE, "optim.steps=2", "run.dir=runs/smoke/2-full"])
     assert err.endswith("runs/smoke/2-full/adapter.safetensors: No space left on device"), err
     failed = tmp_path / "runs/smoke/2-full"
     assert not (failed / "adapter.safetensors").exists() and not list(failed.glob(".*tmp*"))

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from cli_helpers import one_line_error, run_commands_in
+from cli_helpers import copy_smoke_run, one_line_error, run_commands_in
 
 from lotaqaf_cli.cli import main
 from lotaqaf_cli.core.qlinear import quantized_modules
@@ -17,13 +17,15 @@ from lotaqaf_cli.io.checkpoint import load_quantized
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    cmds = []
-    for name, gran, bits in (("mu", "group", 4), ("nomu", "none", 4), ("mu2", "group", 2)):
+def runs(tmp_path_factory, smoke_lota_root):
+    """Merged smoke runs at INT4 with the offset factor (the session's run, as runs/mu) and without it
+    (runs/nomu), and at INT2 (runs/mu2)."""
+    cmds = [["merge", "run=runs/mu"]]
+    for name, gran, bits in (("nomu", "none", 4), ("mu2", "group", 2)):
         cmds.append(["train", "recipe=smoke", f"run.dir=runs/{name}", "adapter.omega=2", "optim.steps=8",
                      f"adapter.offset_granularity={gran}", f"quant.bits={bits}", "stages=[quantize,train]"])
         cmds.append(["merge", f"run=runs/{name}"])
-    return run_commands_in(tmp_path_factory.mktemp("export"), cmds)
+    return run_commands_in(copy_smoke_run(smoke_lota_root, tmp_path_factory.mktemp("export"), "runs/mu"), cmds)
 
 
 @pytest.fixture
@@ -109,7 +111,7 @@ def test_gptq_export_with_offset_branch_in_peft(here):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    from lotaqaf_cli.stages.export import probe_prompts, reference_probe
+    from lotaqaf_cli.serving.probe import probe_prompts, reference_probe
 
     assert main(["export", "run=runs/mu", "--format", "gptq"]) == 0
     rep = json.loads((here / "runs/mu/export-gptq.json").read_text())

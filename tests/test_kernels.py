@@ -10,6 +10,7 @@ import copy
 import lotaqaf_kernels as kernels
 import pytest
 import torch
+from layers import dense64, random_qlinear
 from reference import markers as ref_markers
 from reference import offset_factor
 
@@ -19,32 +20,13 @@ from lotaqaf_cli.core.ternary import TernaryLinear, attach_ternary_adapters
 pytest.importorskip("triton")
 
 
-@pytest.fixture
-def mode():
-    """Set the kernel mode for one test; restore the previous one after it."""
-    before = kernels.mode()
-    yield kernels.set_mode
-    kernels.set_mode(before)
-
-
 def _layer(d_in, d_out, bits, gs, act_order=False, bias=False, seed=0):
-    """A QuantLinear with random codes (both grid edges present), fractional zero points and, with
-    act_order, rows scattered over the groups; also returns the codes and a float64 reference weight."""
-    g = torch.Generator().manual_seed(seed)
-    maxq = 2**bits - 1
-    codes = torch.randint(0, maxq + 1, (d_in, d_out), generator=g)
-    codes[0], codes[1] = 0, maxq
-    n_groups = d_in // gs
-    scales = torch.rand(n_groups, d_out, generator=g) * 0.05 + 0.01
-    zeros = torch.rand(n_groups, d_out, generator=g) * maxq  # float zero points (a merged layer's z - mu)
-    g_idx = torch.arange(d_in, dtype=torch.int32) // gs
-    if act_order:
-        g_idx = g_idx[torch.randperm(d_in, generator=g)]
-    b = torch.randn(d_out, generator=g) if bias else None
-    q = QuantLinear.from_quantized(codes, scales, zeros, g_idx, bits, gs, b)
-    gl = g_idx.long()
-    w64 = scales.double()[gl] * (codes.double() - zeros.double()[gl])
-    return q, codes, w64
+    """A QuantLinear with random codes (both grid edges present), fractional zero points (a merged
+    layer's z - mu) and, with act_order, rows scattered over the groups; also returns the codes (int64)
+    and a float64 reference weight."""
+    q = random_qlinear(d_in, d_out, bits, gs, seed=seed, act_order=act_order, bias=bias, zeros="fractional",
+                       edge_codes=True)
+    return q, q.codes.long(), dense64(q)
 
 
 # widths x shapes: an odd group count (3), act-order, a 3-bit input size that is a multiple of 32 but

@@ -1,20 +1,14 @@
 """LoRA and QA-LoRA baselines against float64 references written in the test."""
 
 import torch
+from layers import random_qlinear
 
 from lotaqaf_cli.core.lora import LoRALinear, QALoRALinear
 from lotaqaf_cli.core.qlinear import QuantLinear
-from lotaqaf_cli.core.quant import rtn_quantize
 
 
 def make_base(act_order=False, bias=True):
-    g = torch.Generator().manual_seed(0)
-    W = torch.randn(64, 32, generator=g)  # input-major [D_in, D_out]
-    codes, scales, zeros, g_idx = rtn_quantize(W, 4, 16)
-    if act_order:
-        g_idx = g_idx[torch.randperm(64, generator=g)]
-    b = torch.randn(32, generator=g) if bias else None
-    return QuantLinear.from_quantized(codes, scales, zeros, g_idx, 4, 16, b)
+    return random_qlinear(64, 32, 4, 16, seed=0, act_order=act_order, bias=bias, zeros="integer", scales=(0.2, 0.2))
 
 
 def test_lora_starts_as_noop_and_matches_reference():

@@ -4,16 +4,16 @@ import json
 import shutil
 
 import pytest
-from cli_helpers import one_line_error, run_commands_in
+from cli_helpers import copy_smoke_run, one_line_error, run_commands_in
 
 from lotaqaf_cli.cli import main
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return run_commands_in(tmp_path_factory.mktemp("merge"), [
-        ["train", "recipe=smoke", "run.dir=runs/smoke/a", "adapter.omega=2", "optim.steps=12",
-         "stages=[quantize,train,ppl]"],
+def trained(tmp_path_factory, smoke_lota_root):
+    """The session's LoTA-QAF smoke run (runs/smoke/a) beside a LoRA one trained here."""
+    root = copy_smoke_run(smoke_lota_root, tmp_path_factory.mktemp("merge"))
+    return run_commands_in(root, [
         ["train", "recipe=smoke", "run.dir=runs/smoke/lora", "adapter=lora", "optim=adamw",
          "optim.lr=0.01", "optim.steps=6", "stages=[quantize,train]"]])
 
@@ -55,7 +55,7 @@ def test_merge_errors(work, capsys):
     shutil.copytree(work / "runs/smoke/a", other)
     q = json.loads((other / "quantize.json").read_text())
     lora_q = json.loads((work / "runs/smoke/lora/quantize.json").read_text())
-    assert q["checkpoint"] == lora_q["checkpoint"]  # same base: use a differently quantized one
+    assert q["content_hash"] == lora_q["content_hash"]  # same base: use a differently quantized one
     assert main(["quantize", "recipe=smoke", "quant.bits=3", "run.dir=runs/smoke/b3"]) == 0
     q["checkpoint"] = json.loads((work / "runs/smoke/b3/quantize.json").read_text())["checkpoint"]
     (other / "quantize.json").write_text(json.dumps(q))

@@ -9,6 +9,8 @@ refusal of a stage that cannot fit, before any work.
 """
 
 import json
+import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -63,11 +65,11 @@ def test_plan_check_can_be_switched_off(tmp_path, monkeypatch):
 
 
 def _summary(recipe: str, *overrides: str) -> dict:
-    from lotaqaf_cli.runner import make_plan
-    from lotaqaf_cli.stages.plan import summary
+    from lotaqaf_cli.session import pick_device
+    from lotaqaf_cli.stages.plan import for_config, summary
 
     cfg = compose([f"recipe={recipe}", *overrides])
-    p, cap, _ = make_plan(cfg, list(cfg.stages))
+    p, cap, _ = for_config(cfg, list(cfg.stages), pick_device(cfg))
     return summary(p, cap)
 
 
@@ -78,12 +80,42 @@ def test_70b_fits_one_h200(bits):
     assert s["stages"]["quantize"]["parts_gb"]["source: embeddings + one layer"] < 14   # streamed: not the 141 GB model
 
 
+# meta-llama/Llama-3.1-8B-Instruct's config.json, written out here
+LLAMA31_8B = core.Shape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128,
+                        vocab=128256, tied=False)
+
+
 def test_plan_command_prints_the_stages(capsys):
+    """Every stage's printed GB figure is core.plan's for the Llama-3.1-8B shape and the recipe's
+    settings (read here from the config); two figures are checked by hand."""
     assert main(["plan", "recipe=llama3_mmlu", "plan.device_gb=80"]) == 0
     out = capsys.readouterr().out
     for stage in ("quantize", "train", "ppl", "merge", "eval"):
         assert stage in out
     assert "smallest single GPU" in out
+
+    cfg = compose(["recipe=llama3_mmlu"])
+    q, o, d = cfg.quant, cfg.optim, cfg.data
+    x = core.Inputs(device="cuda", source_dtype=cfg.model.dtype, bits=q.bits, group_size=q.group_size,
+                    streamed=True, source_held=False,  # a hub source streams; c4 and alpaca need it no more
+                    calib_tokens=cfg.calib.n_samples * cfg.calib.seq_len,
+                    calib_batch_tokens=q.batch_size * cfg.calib.seq_len, adapter=cfg.adapter.kind,
+                    rank=cfg.adapter.rank, micro_batch=o.batch_size, train_len=d.source_len + d.target_len,
+                    checkpointing=o.gradient_checkpointing, ppl_tokens=cfg.ppl.batch_size * cfg.ppl.seq_len,
+                    eval_tokens=cfg.eval.batch_size * 1024)  # a long 5-shot MMLU prompt: 1024 tokens
+    stages = core.plan(LLAMA31_8B, x)
+    printed = dict(re.findall(r"^│ (\w+) +│ +([\d.]+) │", out, re.M))
+    assert printed == {s.name: f"{s.total / core.GB:.2f}" for s in stages}, out
+    off = next(s for s in core.plan(LLAMA31_8B, replace(x, checkpointing=False)) if s.name == "train")
+    assert f"│ (train, checkpointing off) │ {off.total / core.GB:.2f} │" in out, out
+    peak = max(stages, key=lambda s: s.total)
+    assert f"peak: {peak.name} {peak.total / core.GB:.1f} GB; smallest single GPU that runs it: 40 GB" in out, out
+    # by hand: Llama-3.1-8B has 8,030,261,248 parameters; its 4-bit g64 base holds 6,979,321,856 linear
+    # weights at 1/2 byte, a float32 scale and zero per 64 of them (1/8 byte a weight) and an int32 g_idx
+    # per input row (38,912 x 32 layers), 4,367,056,896 B, plus embeddings, lm_head and norms
+    # (1,050,677,248 parameters) in float32: twice that, base and trainable copy, is 17.14 GB.
+    assert (q.bits, q.group_size) == (4, 64) and "; 8.03 B parameters;" in out
+    assert "base + its trainable copy 17.14," in out, out
 
 
 def test_chain_records_measured_peaks_beside_the_plan(tmp_path, monkeypatch):

@@ -5,10 +5,10 @@ metadata of a Hugging Face tokenizer read back by transformers' GGUF tokenizer c
 
 import copy
 
-import lotaqaf_kernels as kernels
 import numpy as np
 import pytest
 import torch
+from layers import dense64, random_qlinear
 from tiny_models import tiny_tokenizer
 
 from lotaqaf_cli.core.qlinear import QuantLinear
@@ -28,26 +28,13 @@ from lotaqaf_cli.stages.export import OffsetBranchLinear, offset_branch
 
 def merged_layer(bits, d_in=96, d_out=48, gs=32, act_order=False, seed=0):
     """A QuantLinear as a merge leaves it: integer codes, fp16 scales, fractional zero points z - mu."""
-    g = torch.Generator().manual_seed(seed)
-    groups = d_in // gs
-    codes = torch.randint(0, 1 << bits, (d_in, d_out), generator=g)
-    scales = (torch.rand(groups, d_out, generator=g) * 0.02 + 0.002).half().float()
-    zeros = torch.randint(0, 1 << bits, (groups, d_out), generator=g).float()
-    zeros = zeros - (torch.rand(groups, d_out, generator=g) - 0.5) * 0.9     # mu in (-0.45, 0.45)
-    g_idx = torch.arange(d_in) // gs
-    if act_order:
-        g_idx = g_idx[torch.randperm(d_in, generator=g)]
-    return QuantLinear.from_quantized(codes, scales, zeros, g_idx.int(), bits, gs)
-
-
-def dense64(q):
-    g = q.g_idx.long()
-    return q.scales.double()[g] * (q.codes.double() - q.zeros.double()[g])     # [in, out]
+    return random_qlinear(d_in, d_out, bits, gs, seed=seed, act_order=act_order, zeros="near_integer",
+                          scales=(0.002, 0.02), fp16_scales=True)
 
 
 @pytest.mark.parametrize("bits,act_order", [(2, False), (3, True), (4, False)])
-def test_offset_branch_restores_the_fractional_zero_points(bits, act_order, monkeypatch):
-    monkeypatch.setattr(kernels, "_mode", "torch")  # float32 matmul (the CPU decode kernel is bf16)
+def test_offset_branch_restores_the_fractional_zero_points(bits, act_order, mode):
+    mode("torch")  # float32 matmul (the CPU decode kernel is bf16)
     q = merged_layer(bits, act_order=act_order)
     a, b = offset_branch(q)
     z = q.zeros.round().clamp(0, (1 << bits) - 1)
@@ -216,7 +203,7 @@ def test_gguf_tokenizer_from_a_hugging_face_tokenizer(tmp_path):
 
 
 @pytest.mark.parametrize("gguf_type,bits", [("q4_1", 4), ("q4_k", 3), ("q2_k", 2)])
-def test_gguf_qwen2_layout_in_transformers(gguf_type, bits, tmp_path, monkeypatch):
+def test_gguf_qwen2_layout_in_transformers(gguf_type, bits, tmp_path, mode):
     """A Qwen2 model (q/k/v biases, no rotary row permutation in GGUF): transformers' GGUF loader
     computes what lotaqaf's model holds (the fp16-rounded minimums, or the K-quant grid, evaluated
     in float32)."""
@@ -224,7 +211,7 @@ def test_gguf_qwen2_layout_in_transformers(gguf_type, bits, tmp_path, monkeypatc
 
     from lotaqaf_cli.core.quantize_model import quantize_model
 
-    monkeypatch.setattr(kernels, "_mode", "torch")
+    mode("torch")
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)

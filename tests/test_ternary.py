@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from layers import random_qlinear
 from reference import effective_weight, markers, offset_factor, ste_grad_dW
 from torch import nn
 
@@ -43,16 +44,9 @@ def _g_idx(d_in: int, gs: int, act_order: bool, gen) -> torch.Tensor:
 
 
 def _base(d_in=16, d_out=12, bits=3, gs=4, act_order=False, bias=False, seed=0) -> QuantLinear:
-    gen = _gen(seed)
-    maxq = 2**bits - 1
-    codes = torch.randint(0, maxq + 1, (d_in, d_out), generator=gen, dtype=torch.uint8)
-    codes[0, :3] = 0
-    codes[1, :3] = maxq  # make sure both boundaries occur
-    n_groups = d_in // gs
-    scales = torch.rand(n_groups, d_out, generator=gen) * 0.1 + 0.01
-    zeros = torch.randint(0, maxq + 1, (n_groups, d_out), generator=gen).float()
-    b = torch.randn(d_out, generator=gen) if bias else None
-    return QuantLinear.from_quantized(codes, scales, zeros, _g_idx(d_in, gs, act_order, gen), bits, gs, bias=b)
+    """Integer zero points (as a GPTQ checkpoint holds them); both code boundaries occur."""
+    return random_qlinear(d_in, d_out, bits, gs, seed=seed, act_order=act_order, bias=bias, zeros="integer",
+                          scales=(0.01, 0.1), edge_codes=True)
 
 
 # ----------------------------------------------------------------------------------------------

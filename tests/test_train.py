@@ -31,12 +31,6 @@ def test_adapter_for_another_base_is_refused():
         check_base({"base_hash": "sha256:aaa"}, "sha256:bbb", "adapter.safetensors")
 
 
-@pytest.fixture
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 @pytest.mark.parametrize("adapter", ["lota", "lora", "qalora"])
 def test_smoke_training_writes_adapter(in_tmp, adapter):
     assert main(["train", "recipe=smoke", f"adapter={adapter}", "run.dir=runs/x",

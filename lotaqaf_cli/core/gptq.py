@@ -40,11 +40,6 @@ class QuantResult:
     zeros: torch.Tensor   # float32 [G, D_out]
     g_idx: torch.Tensor   # int32 [D_in]
 
-    def dequantize_linear(self) -> torch.Tensor:
-        """Dequantized weight in nn.Linear layout [D_out, D_in]."""
-        g = self.g_idx.long()
-        return (self.scales[g] * (self.codes.float() - self.zeros[g])).t()
-
 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, *,
                   damp_percent: float = 0.01, block_size: int = 128, act_order: bool = False,

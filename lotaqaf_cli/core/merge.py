@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .lora import LoRALinear, QALoRALinear
+from .perplexity import perplexity
 from .qlinear import QuantLinear, replace_module
 from .quant import max_code, pack_ternary, rtn_quantize, unpack_ternary
 from .ternary import TernaryLinear, merged_zeros
@@ -28,6 +29,25 @@ def probe_batch(vocab: int) -> torch.Tensor:
     """Fixed random token ids [4, 64] (seed 0) on which the certificate compares logits."""
     g = torch.Generator().manual_seed(PROBE_SEED)
     return torch.randint(3, vocab, PROBE_SHAPE, generator=g)
+
+
+@torch.no_grad()
+def probe_logits(model: nn.Module) -> torch.Tensor:
+    """The model's float32 logits on the probe batch (moved to the model's device)."""
+    return model(probe_batch(model.config.vocab_size).to(next(model.parameters()).device)).logits.float()
+
+
+@torch.no_grad()
+def compare_models(a: nn.Module, b: nn.Module, windows: torch.Tensor | None = None, names=("a", "b")) -> dict:
+    """What the merge certificate and an export's check measure: the max |logit difference| of ``b`` from
+    ``a`` on the probe batch and, given held-out windows, both perplexities (keyed by ``names``), the
+    change and the number of tokens scored."""
+    out = {"max_abs_logit_diff": (probe_logits(b) - probe_logits(a)).abs().max().item()}
+    if windows is not None:
+        pa, n = perplexity(a, windows)
+        pb, _ = perplexity(b, windows)
+        out["perplexity"] = {names[0]: pa, names[1]: pb, "change": pb - pa, "tokens": n}
+    return out
 
 
 @dataclass

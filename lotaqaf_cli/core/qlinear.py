@@ -15,6 +15,8 @@ construction.
 
 from __future__ import annotations
 
+import copy
+
 import lotaqaf_kernels as kernels
 import torch
 from torch import nn
@@ -156,3 +158,21 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+def dense_bytes(model: nn.Module) -> int:
+    """Bytes of a float32 copy of the model's quantized layers (:func:`dequantized_model`)."""
+    return 4 * sum(q.in_features * q.out_features for q in quantized_modules(model).values())
+
+
+def dequantized_model(model: nn.Module, dtype=torch.float32) -> nn.Module:
+    """A copy of ``model`` with every QuantLinear replaced by a plain nn.Linear holding its dequantized weight."""
+    out = copy.deepcopy(model)
+    for name, q in quantized_modules(out).items():
+        lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(q.dequantize(torch.float32).t())
+            if q.bias is not None:
+                lin.bias.copy_(q.bias)
+        replace_module(out, name, lin)
+    return out

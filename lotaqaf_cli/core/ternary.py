@@ -11,8 +11,9 @@ B_T [r, D_out]; dW = A_T @ B_T has integer entries in [-r, r].
 - ``markers=False`` (the ablation "offset factor only"): W_hat = 0 in the forward and the merge, so
   R = dW; the gradient estimator is unchanged.
 
-The granularity of mu (the set each mean runs over) lives in one place, the _OffsetPooling classes;
-the layer picks its instance once. Plain float64 references of these formulas are in tests/reference.py.
+The granularity of mu (the set each mean runs over) lives in one place, the OffsetPooling classes of
+offset_pooling.py; the layer picks its instance once. Plain float64 references of these formulas are in
+tests/reference.py.
 
 Pure tensor math: no I/O, no printing.
 """
@@ -21,16 +22,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import lotaqaf_kernels as kernels
 import torch
 from torch import nn
 
+from .offset_pooling import POOLINGS, GroupLayout, check_granularity, rows_per_group
 from .qlinear import QuantLinear, quant_matmul, replace_module
 from .quant import codes_at, dequantize_packed, max_code
 
-GRANULARITIES = ("group", "channel", "tensor", "none")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INIT_THRESHOLD = 0.75  # ternarisation threshold, times mean|A|
 
@@ -89,138 +89,6 @@ def marker_entries(dW: torch.Tensor, omega: float, qweight: torch.Tensor | None 
     return idx[ok], up[ok].to(torch.int8) * 2 - 1, blocked
 
 
-def _check_granularity(granularity: str) -> None:
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"offset granularity must be one of {GRANULARITIES}, got {granularity!r}")
-
-
-def _group_counts(g_idx: torch.Tensor, n_groups: int) -> torch.Tensor:
-    return torch.bincount(g_idx.long(), minlength=n_groups)[:n_groups]
-
-
-# ----------------------------------------------------------------------------------------------
-# Offset granularity: the set each mean of mu runs over (and so the gradient's extra term)
-# ----------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _GroupLayout:
-    """Which input rows form each quantization group: ``g_idx`` [D_in], ``n_groups`` G, ``gs`` the
-    group size when the groups are contiguous rows (else None: act-order or uneven groups, handled by
-    gathers / index_add_), ``counts`` the rows per group (int64 [G], at least 1)."""
-
-    g_idx: torch.Tensor
-    n_groups: int
-    gs: int | None
-    counts: torch.Tensor
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum of the rows of ``t`` [D_in, D_out] within each group -> [G, D_out]."""
-        if self.gs is not None:
-            return t.view(self.n_groups, self.gs, t.shape[1]).sum(dim=1)
-        return t.new_zeros(self.n_groups, t.shape[1]).index_add_(0, self.g_idx.long(), t)
-
-    def scale_rows_(self, g: torch.Tensor, s: torch.Tensor) -> None:
-        """g[i, j] *= s[g_idx[i], j], in place (``s`` [G, D_out])."""
-        if self.gs is not None:
-            gv = g.view(self.n_groups, self.gs, g.shape[1])
-            gv *= s[:, None]
-        else:
-            g *= s[self.g_idx.long()]
-
-    def add_mean_grad_(self, g: torch.Tensor, omega: float) -> None:
-        """g[i, j] += (sum of g over the rows of group(i), column j) / (omega * n_group), in place."""
-        if self.gs is not None:
-            gv = g.view(self.n_groups, self.gs, g.shape[1])
-            gv += (gv.sum(dim=1) / (omega * self.gs))[:, None]
-        else:
-            idx = self.g_idx.long()
-            sums = g.new_zeros(self.n_groups, g.shape[1]).index_add_(0, idx, g)
-            g += (sums / (self.counts.to(g.dtype)[:, None] * omega))[idx]
-
-
-class _OffsetPooling:
-    """One offset granularity: how mu pools R = dW - omega * W_hat, and the matching term of dL/d dW.
-
-    The subclasses are the only code that knows the granularities; the layer picks its instance from
-    :data:`_POOLINGS` once. ``residual``: whether mu needs R (False only for "none").
-    """
-
-    name: str
-    residual = True
-
-    def mu(self, R: torch.Tensor, omega: float, groups: _GroupLayout) -> torch.Tensor | None:
-        """mu (fp32) from R (fp32 [D_in, D_out], may be overwritten); None: no offset factor."""
-        raise NotImplementedError
-
-    def mu_from_group_sums(self, r_sums: torch.Tensor, omega: float, groups: _GroupLayout) -> torch.Tensor | None:
-        """mu from the per-group sums of R ([G, D_out], as the Triton ternary step returns them)."""
-        raise NotImplementedError
-
-    def add_grad_(self, h: torch.Tensor, omega: float, groups: _GroupLayout) -> None:
-        """In place, h = s[g] * G += (sum of h over the mean's set) / (omega * set size): mu's share of
-        dL/d dW under the straight-through estimator."""
-        raise NotImplementedError
-
-
-class _NoPooling(_OffsetPooling):
-    name, residual = "none", False
-
-    def mu(self, R, omega, groups):
-        return None
-
-    def mu_from_group_sums(self, r_sums, omega, groups):
-        return None
-
-    def add_grad_(self, h, omega, groups):
-        pass
-
-
-class _GroupPooling(_OffsetPooling):
-    name, residual = "group", True
-
-    def mu(self, R, omega, groups):
-        mu = groups.sum(R)
-        mu /= groups.counts.to(mu.dtype)[:, None] * omega
-        return mu
-
-    def mu_from_group_sums(self, r_sums, omega, groups):
-        return r_sums / (groups.counts.to(r_sums.dtype)[:, None] * omega)
-
-    def add_grad_(self, h, omega, groups):
-        groups.add_mean_grad_(h, omega)
-
-
-class _ChannelPooling(_OffsetPooling):
-    name, residual = "channel", True
-
-    def mu(self, R, omega, groups):
-        return R.mean(dim=0, keepdim=True) / omega
-
-    def mu_from_group_sums(self, r_sums, omega, groups):
-        return r_sums.sum(dim=0, keepdim=True) / (groups.g_idx.numel() * omega)
-
-    def add_grad_(self, h, omega, groups):
-        h += h.sum(dim=0, keepdim=True) / (omega * h.shape[0])
-
-
-class _TensorPooling(_OffsetPooling):
-    name, residual = "tensor", True
-
-    def mu(self, R, omega, groups):
-        return R.mean().view(1, 1) / omega
-
-    def mu_from_group_sums(self, r_sums, omega, groups):
-        return r_sums.sum().view(1, 1) / (groups.g_idx.numel() * r_sums.shape[1] * omega)
-
-    def add_grad_(self, h, omega, groups):
-        h += h.sum() / (omega * h.numel())
-
-
-_POOLINGS: dict[str, _OffsetPooling] = {
-    p.name: p for p in (_GroupPooling(), _ChannelPooling(), _TensorPooling(), _NoPooling())}
-assert tuple(_POOLINGS) == GRANULARITIES
-
-
 # ----------------------------------------------------------------------------------------------
 # The layer
 # ----------------------------------------------------------------------------------------------
@@ -245,7 +113,7 @@ def check_hparams(rank: int, omega: float, granularity: str = "group") -> None:
         raise ValueError(f"TA rank must be an integer >= 1, got {rank}")
     if not 0 < omega < rank:
         raise ValueError(f"omega must lie in (0, rank) = (0, {rank}), got {omega}")
-    _check_granularity(granularity)
+    check_granularity(granularity)
 
 
 class _TernaryLinearFn(torch.autograd.Function):
@@ -300,7 +168,7 @@ class TernaryLinear(nn.Module):
         base.requires_grad_(False)
         self.rank, self.omega = int(rank), float(omega)
         self.markers = bool(markers)  # False (an ablation): W_hat = 0 always, only the offset factor acts
-        self._pooling = _POOLINGS[offset_granularity]
+        self._pooling = POOLINGS[offset_granularity]
         dtype = base.scales.dtype if base.scales.is_floating_point() else torch.float32
         dev = base.qweight.device
         d_in, d_out = base.in_features, base.out_features
@@ -316,7 +184,7 @@ class TernaryLinear(nn.Module):
         """Recompute the group layout from the base's g_idx."""
         self._n_groups = self.base.scales.shape[0]
         self._gs = self.base.contiguous_gs  # the base's own post-load hook has run already
-        self.group_counts = _group_counts(self.base.g_idx, self._n_groups).clamp(min=1)
+        self.group_counts = rows_per_group(self.base.g_idx, self._n_groups).clamp(min=1)
 
     def _cache_for_call(self) -> dict:
         """A kernel's prepared W_eff, valid while neither the adapters nor the base change."""
@@ -340,10 +208,10 @@ class TernaryLinear(nn.Module):
         return self.base.out_features
 
     @property
-    def _groups(self) -> _GroupLayout:
+    def _groups(self) -> GroupLayout:
         """The group layout, on the buffers' current device (rebuilt per call: no tensors to go stale
         when the module is moved)."""
-        return _GroupLayout(self.base.g_idx, self._n_groups, self._gs, self.group_counts)
+        return GroupLayout(self.base.g_idx, self._n_groups, self._gs, self.group_counts)
 
     # -- math shared by forward, backward and the logging helpers ------------------------------
 

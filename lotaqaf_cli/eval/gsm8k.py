@@ -81,7 +81,7 @@ def evaluate_gsm8k(model, tokenizer, limit: int | None = None, batch_size: int =
             tm, task = TaskManager(include_path=local_task(data_file, tasks_dir, max_gen_toks),
                                    include_defaults=False), LOCAL_TASK
         else:
-            from ..io.hub import hub_reachable
+            from ..hub import hub_reachable
 
             if not hub_reachable():
                 raise LotaqafError(HUB_UNREACHABLE)

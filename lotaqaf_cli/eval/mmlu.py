@@ -37,7 +37,7 @@ from ..errors import LotaqafError
 from .harness import lm_eval_version, offline_env, quiet_libraries
 
 SOURCES = ("offline", "hub", "auto")
-ENGINES = ("lm-eval", "fast")
+MMLU_ENGINES = ("lm-eval", "fast")
 HUB_TASK_PREFIX = "mmlu_"
 
 
@@ -51,7 +51,7 @@ def default_tasks_dir(digest: str) -> Path:
 
 
 def _hub_reachable() -> bool:
-    from ..io.hub import hub_reachable
+    from ..hub import hub_reachable
 
     return hub_reachable()
 
@@ -100,8 +100,8 @@ def _resolve_source(source: str) -> tuple[str, list[str]]:
 def check_mmlu_args(engine: str, limit: int | None, num_fewshot: int, batch_size: int) -> None:
     """The one check of the MMLU settings (``eval.engine``, ``eval.limit``, ``eval.num_fewshot``,
     ``eval.batch_size``): raises :class:`LotaqafError` naming the first bad one."""
-    if engine not in ENGINES:
-        raise LotaqafError(f"eval.engine: unknown MMLU engine '{engine}' (valid: {', '.join(ENGINES)})")
+    if engine not in MMLU_ENGINES:
+        raise LotaqafError(f"eval.engine: unknown MMLU engine '{engine}' (valid: {', '.join(MMLU_ENGINES)})")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
         raise LotaqafError(f"eval.limit must be a positive number of questions per subject, got {limit}")
     if not isinstance(num_fewshot, int) or not 0 <= num_fewshot <= mmlu.FEWSHOT_ROWS:

@@ -35,10 +35,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import GGUF_TYPES, lossy_gguf_refusal
 from ..core.qlinear import QuantLinear, quantized_modules
 from ..errors import LotaqafError
 from .models import gguf_file
+
+GGUF_TYPES = ("q4_1", "q4_k", "q2_k")   # export.gguf_type: Q4_1 exact up to fp16 minimums; the K-quants lossy
+GGUF_TYPE_CHANGE = {"q4_k": "6-bit scales and minimums per 32 weights under one fp16 pair per 256",
+                    "q2_k": "4-bit scales and minimums per 16 weights under one fp16 pair per 256"}
+
+
+def lossy_gguf_refusal(gguf_type: str) -> str:
+    """Why a GGUF K-quant export needs --allow-lossy (config validation, before any model loads, and export_gguf)."""
+    return (f"export.gguf_type={gguf_type} changes the model ({GGUF_TYPE_CHANGE[gguf_type]}); "
+            f"add --allow-lossy, or keep gguf_type=q4_1 (exact up to fp16 minimums)")
+
 
 ARCHS = ("llama", "qwen2")
 HF_TO_GGUF = {

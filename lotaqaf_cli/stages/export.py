@@ -1,9 +1,10 @@
 """Stage `export`: a merged model in formats other engines load.
 
-    convert(merged, fmt, ...)           -> (the model as the files hold it, offset branches, report)
-    exact_formats(merged)               -> the formats that hold it exactly (what refusals suggest)
-    compare(merged, exported, windows)  -> max |logit difference| (and perplexities)
-    probe_prompts / reference_probe / compare_probe: the serving check (8 prompts, 32 greedy tokens)
+    write(merged, fmt, tmp, cfg.export, ...)  -> (the model as the files hold it, has an offset branch);
+                                                 every format's writer, the files under tmp
+    convert(merged, fmt, allow_lossy, ...)    -> (gptq / hf16 model, offset branches, report): what write saves
+    exact_formats(merged)                     -> the formats that hold it exactly (what refusals suggest)
+    compare(merged, held, windows)            -> max |logit difference| (and perplexities)
 
 gptq  a standard GPTQ checkpoint (integer zero points). With the offset factor the merged zero points
       z' are fractional; the export then rounds them to integers z and adds the difference back as a
@@ -12,43 +13,28 @@ gptq  a standard GPTQ checkpoint (integer zero points). With the offset factor t
       `export.offset_branch=false` rounds without the branch (lossy: refused unless export.allow_lossy).
 gguf  llama.cpp GGUF (io/gguf_export.py writes it from the merged model itself; 2-, 3- and 4-bit
       layers map onto Q4_1 exactly up to fp16 rounding of the block minimum).
+torchao  the merged codes with float zero points in torchao's layout (io/torchao_export.py).
 hf16  dequantized weights in the source architecture (safetensors), for any engine.
-Takes the recipe's `export` section; the command layer writes the files and runs the engines.
+Takes the recipe's `export` section; the command layer names the directory and runs the engines
+(serving/).
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
-import lotaqaf_kernels as kernels
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
-from ..consumers import forced_logits, greedy_continuations
-from ..core.merge import probe_batch
-from ..core.perplexity import perplexity
-from ..core.qlinear import QuantLinear, quantized_modules, replace_module
+from ..core.merge import compare_models
+from ..core.qlinear import QuantLinear, dequantized_model, quantized_modules, replace_module
 from ..errors import LotaqafError
-from ..io.gguf_export import q4_1_exact
-from ..io.torchao_export import contiguous_groups
-
-
-def dense_bytes(model: nn.Module) -> int:
-    """Bytes of a float32 copy of the model's quantized layers (:func:`dequantized_model`)."""
-    return 4 * sum(q.in_features * q.out_features for q in quantized_modules(model).values())
-
-
-def dequantized_model(model: nn.Module, dtype=torch.float32) -> nn.Module:
-    """Every QuantLinear replaced by a plain nn.Linear holding its dequantized weight."""
-    out = copy.deepcopy(model)
-    for name, q in quantized_modules(out).items():
-        lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, dtype=dtype)
-        with torch.no_grad():
-            lin.weight.copy_(q.dequantize(torch.float32).t())
-            if q.bias is not None:
-                lin.bias.copy_(q.bias)
-        replace_module(out, name, lin)
-    return out
+from ..io.checkpoint import save_quantized
+from ..io.gguf_export import export_gguf, q4_1_exact, stored_model
+from ..io.offset_lora import save_offset_lora
+from ..io.torchao_export import contiguous_groups, export_torchao
 
 
 def rounded_zero_model(model: nn.Module) -> tuple[nn.Module, int]:
@@ -114,15 +100,10 @@ def with_branches(plain: nn.Module, branches: dict) -> nn.Module:
     return out
 
 
-@torch.no_grad()
-def compare(a: nn.Module, b: nn.Module, windows: torch.Tensor | None = None) -> dict:
-    probe = probe_batch(a.config.vocab_size)
-    out = {"max_abs_logit_diff": (a(probe).logits.float() - b(probe).logits.float()).abs().max().item()}
-    if windows is not None:
-        pa, n = perplexity(a, windows)
-        pb, _ = perplexity(b, windows)
-        out["perplexity"] = {"merged": pa, "export": pb, "change": pb - pa, "tokens": n}
-    return out
+def compare(merged: nn.Module, held: nn.Module, windows: torch.Tensor | None = None) -> dict:
+    """The export (``held``: the model as its files hold it) against the merged model: max |logit difference|
+    on the merge certificate's probe batch and, given held-out windows, both perplexities."""
+    return compare_models(merged, held, windows, names=("merged", "export"))
 
 
 def exact_formats(model: nn.Module) -> list[str]:
@@ -158,71 +139,30 @@ def convert(model: nn.Module, fmt: str, allow_lossy: bool = False, offset_branch
     raise ValueError(fmt)
 
 
-# ----------------------------------------------------------------------------------------------------
-# the serving check: the same 8 prompts in lotaqaf and in the engine
-# ----------------------------------------------------------------------------------------------------
-PROBE_TEXTS = (
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Photosynthesis is the process by which",
-    "Question: What is 17 + 25?\nAnswer:",
-    "Once upon a time, in a small village,",
-    "The three laws of thermodynamics state that",
-    "Translate to French: I would like a cup of coffee.\n",
-    "A list of prime numbers: 2, 3, 5,",
-)
-PROBE_NEW_TOKENS = 32
-ENGINES = {  # the engines each format is checked in (consumers.py); gptq without an offset branch: gptqmodel
-    "gguf": ["llama_cpp", "gguf_transformers"], "torchao": ["transformers"], "gptq": ["gptqmodel_peft"],
-    "hf16": ["transformers"],
-}
-
-
-def probe_prompts(tokenizer, vocab_size: int) -> list[list[int]]:
-    """The 8 probe prompts as token ids (a model without a tokenizer: 8 fixed random prompts)."""
+@torch.no_grad()
+def write(model: nn.Module, fmt: str, tmp: Path, ex: DictConfig, tokenizer, info: dict, source: str,
+          final_dir: Path, exact: list[str], report: dict) -> tuple[nn.Module, bool]:
+    """Write the merged ``model`` in ``fmt`` under ``tmp`` (renamed to ``final_dir`` by the caller) and add
+    what the writer measured to ``report``. Returns the model as the files hold it (what the comparison
+    runs) and whether a GPTQ export has an offset branch. ``info``: the merged checkpoint's settings and
+    provenance; ``source``: the run's model path (GGUF metadata); ``exact``: the other exact formats."""
+    if fmt == "gguf":
+        report.update(export_gguf(model, source, tmp / "model.gguf", tokenizer, exact, ex.gguf_type, ex.allow_lossy))
+        return stored_model(model, ex.gguf_type), False  # the values the blocks hold, in float32
+    if fmt == "torchao":
+        report.update(export_torchao(model, tokenizer, tmp, exact=exact))
+        return model, False  # every stored value is the merged model's own
+    files, branches, extra = convert(model, fmt, ex.allow_lossy, ex.offset_branch, exact)
+    report.update(extra)
+    if fmt == "gptq":
+        save_quantized(files, tokenizer, tmp, info["settings"],
+                       {**info["provenance"], "exported_from": info["content_hash"]})
+        if branches:
+            report["offset_lora"] = save_offset_lora(tmp / "offset_lora", branches, str(final_dir))
+        return with_branches(files, branches or {}), bool(branches)
+    if hasattr(files.config, "quantization_config"):  # hf16: a plain transformers checkpoint
+        del files.config.quantization_config
+    files.save_pretrained(str(tmp), safe_serialization=True)
     if tokenizer is not None:
-        return [tokenizer(t)["input_ids"] for t in PROBE_TEXTS]
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(3, vocab_size, (6 + i,), generator=g).tolist() for i in range(len(PROBE_TEXTS))]
-
-
-def torch_forward(model: nn.Module):
-    def forward(ids):
-        with torch.no_grad():
-            return model(input_ids=ids).logits[0].float()
-    return forward
-
-
-def reference_probe(model: nn.Module, prompts: list[list[int]], new_tokens: int = PROBE_NEW_TOKENS,
-                    dense: bool = False, forced_on: list[list[int]] | None = None):
-    """The model's greedy continuations of the prompts and its logits predicting each token of
-    ``forced_on`` (default: of its own continuations), computed exactly: dequantized weights, float32
-    matmuls (kernels "torch"; the CPU decode kernel would round activations and scales to bf16).
-    ``dense``: dequantize every layer once into a float32 copy (4 bytes a weight; the same values,
-    and much faster than dequantizing at every call). lotaqaf's reference is the merged model's;
-    the same probe on another model with ``forced_on`` = the reference's continuations is what an
-    engine check measures."""
-    if dense:
-        model = dequantized_model(model)
-    fwd = torch_forward(model)
-    previous = kernels.mode()
-    kernels.set_mode("torch")
-    try:
-        conts = greedy_continuations(fwd, prompts, new_tokens)
-        return conts, [lg.numpy() for lg in forced_logits(fwd, prompts, forced_on or conts)]
-    finally:
-        kernels.set_mode(previous)
-
-
-def compare_probe(ref_conts, ref_logits, greedy, logits) -> dict:
-    """Token-for-token agreement of the engine's greedy continuations with lotaqaf's, and the largest
-    |logit difference| teacher-forced on lotaqaf's continuations."""
-    import numpy as np
-
-    same = [list(a) == list(b) for a, b in zip(ref_conts, greedy, strict=True)]
-    first = [next((k for k, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None) for a, b in zip(ref_conts, greedy, strict=True)]
-    diff = max(float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
-               for a, b in zip(ref_logits, logits, strict=True))
-    return {"prompts": len(ref_conts), "new_tokens": len(ref_conts[0]), "same_continuations": int(sum(same)),
-            "first_divergence": {str(i): k for i, k in enumerate(first) if k is not None},
-            "max_abs_logit_diff": diff}
+        tokenizer.save_pretrained(str(tmp))
+    return files, False

@@ -19,8 +19,15 @@ import lotaqaf_kernels as kernels
 import torch
 
 from .. import __version__
-from ..core.merge import PROBE_SEED, PROBE_SHAPE, merge_lora_model, merge_model, probe_batch, unmerge_model
-from ..core.perplexity import perplexity
+from ..core.merge import (
+    PROBE_SEED,
+    PROBE_SHAPE,
+    compare_models,
+    merge_lora_model,
+    merge_model,
+    probe_logits,
+    unmerge_model,
+)
 from ..errors import LotaqafError
 
 
@@ -29,33 +36,24 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def probe_logits(model: torch.nn.Module) -> torch.Tensor:
-    return model(probe_batch(model.config.vocab_size).to(model_device(model))).logits.float()
-
-
-@torch.no_grad()
 def merge(adapted: torch.nn.Module, kind: str, windows: torch.Tensor | None = None):
     """A merged copy of ``adapted`` (which is left as it is), its merged layers and the certificate."""
-    ref = probe_logits(adapted)
     merged = copy.deepcopy(adapted)
     layers = merge_model(merged) if kind == "lota" else {}
     if kind != "lota":
         merge_lora_model(merged)
-    diff = (probe_logits(merged) - ref).abs().max().item()
+    measured = compare_models(adapted, merged, windows, names=("adapter", "merged"))
+    diff = measured["max_abs_logit_diff"]
     cert = {"kind": kind, "lotaqaf_version": __version__,
             "probe": {"seed": PROBE_SEED, "shape": list(PROBE_SHAPE), "dtype": "float32",
                       "device": model_device(adapted).type, "kernels": kernels.mode()},
-            "max_abs_logit_diff": diff, "exact": diff == 0.0}
+            **measured, "exact": diff == 0.0}
     if layers:
         per = {n: ml.stats for n, ml in layers.items()}
         tot = {k: sum(s[k] for s in per.values()) for k in ("plus", "minus", "zero", "blocked")}
         n = max(tot["plus"] + tot["minus"] + tot["zero"], 1)
         cert["codes"] = {**tot, "total": n, "changed_frac": (tot["plus"] + tot["minus"]) / n}
         cert["layers"] = per
-    if windows is not None:
-        p_ad, n_tok = perplexity(adapted, windows)
-        p_me, _ = perplexity(merged, windows)
-        cert["perplexity"] = {"adapter": p_ad, "merged": p_me, "change": p_me - p_ad, "tokens": n_tok}
     if kind == "lota" and diff != 0.0:
         raise LotaqafError(f"merge verification failed: max |logit difference| = {diff:g} (expected 0.0); "
                            "no merged checkpoint written")

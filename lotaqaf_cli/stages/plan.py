@@ -1,8 +1,12 @@
 """Stage `plan`: the memory each stage of a recipe needs, before anything is loaded.
 
-    make(cfg, model_config, stages, device_type)  -> Plan (core.plan's figures for this recipe)
-    check(plan, capacity_gb, where)               -> None, or the one-line refusal naming what to change
-    show(plan, capacity_gb, where)                   the table `lotaqaf plan` prints
+    for_config(cfg, stages, device)   -> (Plan, capacity in GB, what the capacity is): the plan of a
+                                         command, against plan.device_gb or the device's memory
+    make(cfg, model_config, config_source, stages, device_type, streamed, can_stream)
+                                      -> Plan (core.plan's figures for this recipe)
+    check(plan, capacity_gb, where)   -> None, or the one-line refusal naming what to change
+    summary(plan, capacity_gb)        -> the plan as a record (plan.json, memory.json)
+    show(plan, capacity_gb, where)       the table `lotaqaf plan` prints
 
 The model's config comes from io.models.model_config (config.json, GGUF metadata or the shapes
 shipped for the recipe models); nothing is downloaded beyond it.
@@ -12,12 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
 from omegaconf import DictConfig
 from rich.table import Table
 
-from .. import ui
+from .. import memory, ui
 from ..core import plan as core
 from ..errors import LotaqafError
+from ..io.models import model_config, streamable, streams
 
 MMLU_PROMPT_TOKENS = 1024   # a long 5-shot MMLU prompt (lm-eval's); the eval stage's forward length
 
@@ -59,6 +65,21 @@ def make(cfg: DictConfig, model_config, config_source: str, stages: list[str], d
     other = next(s for s in core.plan(shape, replace(x, checkpointing=not x.checkpointing)) if s.name == "train")
     return Plan(shape, x, [s for s in core.plan(shape, x) if s.name in stages], config_source, can_stream,
                 other if "train" in stages else None)
+
+
+def for_config(cfg: DictConfig, stages: list[str], device: torch.device) -> tuple[Plan, float | None, str]:
+    """(plan of ``stages``, capacity in GB, what the capacity is): plan.device_gb, else the memory of
+    ``device``, the device the run uses (CUDA: the GPU's; CPU: the machine's RAM)."""
+    named = cfg.plan.device_gb is not None
+    device_type = "cpu" if cfg.device == "cpu" or (not named and device.type == "cpu") else "cuda"
+    mc, where_config = model_config(cfg.model.path)
+    p = make(cfg, mc, where_config, stages, device_type, streams(cfg.quant.stream, cfg.model.path),
+             streamable(cfg.model.path))
+    if named:
+        return p, float(cfg.plan.device_gb), f"plan.device_gb={cfg.plan.device_gb:g}"
+    cap = memory.capacity_bytes(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "this machine's RAM"
+    return p, None if cap is None else round(cap / 1e9, 1), where
 
 
 def _fix(p: Plan, stage: core.Stage, capacity: float) -> tuple[str, float] | None:

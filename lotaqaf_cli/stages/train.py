@@ -3,13 +3,17 @@
     adapter=lota   ternary adapters (core/ternary.py) trained with t-SignSGD (core/tsignsgd.py)
     adapter=lora   16-bit LoRA, AdamW          adapter=qalora   QA-LoRA, AdamW
 
-    train(base, examples, spec, optim, seed, store, resume=False, pad_id=0) -> (adapted model, summary)
+    train(base, examples, spec, optim, seed, store, *, data_seed, resume=False, pad_id=0,
+          tensorboard_dir=None)                          -> (adapted model, summary)
+    adapter_metrics(model, opt) / code_change_table(model)  what a step's metrics row and the summary hold
 
 ``base`` is the quantized model (left untouched: the adapters go on a copy), ``examples`` the
 tokenized, prompt-masked training examples, ``spec`` the adapter's layers (io.adapter.adapter_spec
-of the recipe's `adapter` section), ``optim`` the recipe's `optim` section. ``store`` keeps the
-training state: save_checkpoint(step, state) every optim.save_every steps, newest_checkpoint() for
-resume=True, open_metrics(keep_steps) for one metrics row per step (the run directory is one).
+of the recipe's `adapter` section), ``optim`` the recipe's `optim` section, ``data_seed`` the order of
+the batches (the recipe's data.seed), ``tensorboard_dir`` where TensorBoard's events go (None: none
+written). ``store`` keeps the training state: save_checkpoint(step, state) every optim.save_every
+steps, newest_checkpoint() for resume=True, open_metrics(keep_steps) for one metrics row per step
+(the run directory is one).
 A SIGINT or SIGTERM (interrupts.installed by the CLI) lets the current step finish, saves a
 checkpoint and raises interrupts.Interrupted, so that resume=True continues bit for bit.
 """

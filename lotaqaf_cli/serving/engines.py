@@ -1,5 +1,5 @@
-"""Run an export in a real engine (lotaqaf_cli/consumers.py, in a subprocess) and measure the export on
-disk: size and bits per weight of its quantized layers."""
+"""The engines each export format is served by, and the check of an export in one of them: serving/child.py
+run in a subprocess (this interpreter, else ``export.check_python``), compared with lotaqaf's probe."""
 
 from __future__ import annotations
 
@@ -12,26 +12,34 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import consumers
+from . import child
+from .probe import compare_probe
+
+FORMAT_ENGINES = {  # the engines (child.py's kinds) each format is checked in
+    "gguf": ["llama_cpp", "gguf_transformers"], "torchao": ["transformers"], "gptq": ["gptqmodel_peft"],
+    "hf16": ["transformers"],
+}
+
+
+def engines_for(fmt: str, offset_branch: bool) -> list[str]:
+    """A GPTQ export without an offset branch is a plain GPTQ checkpoint: gptqmodel alone serves it."""
+    return FORMAT_ENGINES[fmt] if fmt != "gptq" or offset_branch else ["gptqmodel"]
 
 
 def engine_check(kind: str, export_dir: Path, prompts, ref_conts, ref_logits, pythons: list[str],
                  texts: list[str] | None = None, timeout: float = 3600) -> dict:
-    """The engine's greedy continuations and logits compared with lotaqaf's (stages.export.compare_probe),
-    from the first interpreter in ``pythons`` that has the engine; `checked: false` and why otherwise."""
-    from ..stages.export import compare_probe
-
+    """The engine's greedy continuations and logits compared with lotaqaf's (probe.compare_probe), from
+    the first interpreter in ``pythons`` that has the engine; `checked: false` and why otherwise."""
     why = None
     with tempfile.TemporaryDirectory() as d:
         probe, out = Path(d) / "probe.json", Path(d) / "out.npz"
         probe.write_text(json.dumps({"prompts": prompts, "continuations": ref_conts, "texts": texts}))
         for python in pythons:
-            env = engine_env(python)
-            r = subprocess.run([python, consumers.__file__, kind, str(export_dir.resolve()), str(probe), str(out)],
-                               capture_output=True, text=True, timeout=timeout, env=env, cwd=d)
+            r = subprocess.run([python, child.__file__, kind, str(export_dir.resolve()), str(probe), str(out)],
+                               capture_output=True, text=True, timeout=timeout, env=engine_env(python), cwd=d)
             last = (r.stderr.strip().splitlines() or ["(no message)"])[-1]
             last = last if len(last) <= 300 else last[:300] + " ..."
-            if r.returncode == consumers.MISSING:
+            if r.returncode == child.EXIT_MISSING:
                 why = f"{last} ({python})"
                 continue
             if r.returncode != 0:
@@ -58,34 +66,3 @@ def engine_env(python: str) -> dict:
 
 def default_pythons(check_python: str | None) -> list[str]:
     return [sys.executable] + ([str(check_python)] if check_python else [])
-
-
-def disk_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def quantized_layer_bytes(export_dir: Path, fmt: str, layer_names: list[str]) -> int:
-    """Bytes the quantized linears take in the export (codes, scales, zeros, group index and, for
-    gptq, the offset branch): what bits per weight counts."""
-    if fmt == "gguf":
-        import gguf
-
-        from .gguf_export import gguf_name
-
-        names = {gguf_name(n + ".weight") for n in layer_names}
-        return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(export_dir / "model.gguf")).tensors if t.name in names)
-    from safetensors import safe_open
-
-    prefixes = tuple(n + "." for n in layer_names) + tuple("base_model.model." + n + "." for n in layer_names)
-    total = 0
-    for f in export_dir.rglob("*.safetensors"):
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                if k.startswith(prefixes) and not k.endswith((".markers", ".bias")):
-                    sl = st.get_slice(k)
-                    shape, dtype = sl.get_shape(), sl.get_dtype()
-                    total += int(np.prod(shape)) * DTYPE_BYTES[dtype]
-    return total
-
-
-DTYPE_BYTES = {"F64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "I64": 8, "BOOL": 1}

@@ -2,9 +2,10 @@
 
 This file is also a standalone script (it imports nothing from lotaqaf), so that `lotaqaf export` can
 run it with another interpreter, one whose venv has the engine (`export.check_python`, set up by
-`make check-serving`):
+`make check-serving`); serving/engines.py runs it, serving/probe.py uses its torch loop for lotaqaf's
+own side of the comparison:
 
-    python consumers.py KIND EXPORT_DIR PROBE.json OUT.npz
+    python child.py KIND EXPORT_DIR PROBE.json OUT.npz
 
 PROBE.json: {"prompts": [[token ids]...], "continuations": [[token ids]...]}: the prompts and
 lotaqaf's greedy continuations of them. For each prompt the engine produces its own greedy
@@ -29,7 +30,7 @@ import os
 import sys
 from pathlib import Path
 
-MISSING = 3
+EXIT_MISSING = 3   # the exit status when the engine is not installed in this interpreter
 
 
 class EngineMissing(Exception):
@@ -173,7 +174,7 @@ def main(argv: list[str]) -> int:
                                             probe.get("texts"))
     except EngineMissing as e:
         print(str(e), file=sys.stderr)
-        return MISSING
+        return EXIT_MISSING
     arrays = {f"greedy_{i}": np.array(g, dtype=np.int64) for i, g in enumerate(greedy)}
     arrays.update({f"logits_{i}": lg for i, lg in enumerate(logits)})
     tmp = Path(out_file).with_suffix(".part.npz")

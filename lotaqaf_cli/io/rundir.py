@@ -372,9 +372,9 @@ class RunDir:
         when they cannot be had without the model (self-generated text not in the cache, a file without
         the tokenizer) or the network (c4)."""
         cfg = self.config()
-        src = self.source_hash(base_info)
-        if cfg.ppl.source == "c4" or (cfg.ppl.source == "file" and tokenizer is None) or \
-                (src is None and cfg.ppl.source != "file"):
+        source = cfg.ppl.source
+        src = None if source == "file" else self.source_hash(base_info)   # file windows need no hash
+        if source == "c4" or (source == "file" and tokenizer is None) or (source != "file" and src is None):
             return None
         return Cache(cfg.run.root).stored_windows(cfg.ppl, "heldout", cfg.model.path, src, tokenizer)
 

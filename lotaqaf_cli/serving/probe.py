@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import lotaqaf_kernels as kernels
 import numpy as np
+import torch
 from torch import nn
 
 from .. import memory, ui
@@ -32,8 +33,6 @@ PROBE_NEW_TOKENS = 32
 
 def probe_prompts(tokenizer, vocab_size: int) -> list[list[int]]:
     """The 8 probe prompts as token ids (a model without a tokenizer: 8 fixed random prompts)."""
-    import torch
-
     if tokenizer is not None:
         return [tokenizer(t)["input_ids"] for t in PROBE_TEXTS]
     g = torch.Generator().manual_seed(0)

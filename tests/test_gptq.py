@@ -78,3 +78,71 @@ def test_group_size_check_names_layer(smoke):
     check_model(smoke, OmegaConf.create({"group_size": 32, "bits": 4}))
     with pytest.raises(LotaqafError, match=r"does not divide the input size 64 of model\.layers\.0\.self_attn"):
         check_model(smoke, OmegaConf.create({"group_size": 48, "bits": 4}))
+
+
+def test_group_aware_order_by_hand():
+    """Groups by their largest diagonal entry, then each group's columns by decreasing diagonal."""
+    from lotaqaf_cli.core.gptq import group_aware_order
+
+    diag = torch.tensor([1.0, 5.0, 2.0, 0.0, 9.0, 3.0, 4.0, 4.0, 0.5])
+    # group maxima 5, 9, 4 -> groups 1, 0, 2; the tie 4 = 4 in group 2 keeps the column order
+    assert group_aware_order(diag, 3).tolist() == [4, 5, 3, 1, 2, 0, 6, 7, 8]
+    assert group_aware_order(diag, -1).tolist() == torch.argsort(diag, descending=True, stable=True).tolist()
+
+
+def reference_gptq64(W, H, bits, gs, order, *, block_size, damp_percent=0.01):
+    """GPTQ written out in float64 as sequential optimal-brain-surgeon steps, without the Cholesky
+    factor or lazy blocks: the k-th visited column is rounded and its error is spread over the columns
+    not yet visited through the inverse of their Hessian, inverted anew at every step. A group's
+    min-max grid comes from its weights as they stood when the visit reached the start of the block
+    (``block_size`` visits) holding the group's first column. Returns (codes [out, in], scale and zero
+    per visited group, in visiting order)."""
+    W, H = W.double().clone(), H.double().clone()
+    H += damp_percent * H.diag().mean() * torch.eye(H.shape[0], dtype=torch.float64)
+    maxq = 2**bits - 1
+    codes = torch.zeros_like(W)
+    grids, snapshot = [], None
+    for k, j in enumerate(order.tolist()):
+        if k % block_size == 0:
+            snapshot = W.clone()
+        if k % gs == 0:
+            cols = order[k:k + gs]
+            lo = snapshot[:, cols].amin(1).clamp(max=0)
+            hi = snapshot[:, cols].amax(1).clamp(min=0)
+            scale = ((hi - lo) / maxq).half().double()  # lotaqaf's grid: fp16 scales, integer zero points
+            zero = torch.round(-lo / scale).clamp(0, maxq)
+            grids.append((scale, zero))
+        codes[:, j] = torch.clamp(torch.round(W[:, j] / scale) + zero, 0, maxq)
+        rest = order[k:]
+        Hinv = torch.linalg.inv(H[rest][:, rest])
+        err = (W[:, j] - scale * (codes[:, j] - zero)) / Hinv[0, 0]
+        W[:, rest] -= err[:, None] * Hinv[0][None, :]
+    return codes, grids
+
+
+@pytest.mark.parametrize("how", ["natural", "act_group_aware", "act_order"])
+def test_gptq_matches_a_float64_reference(how):
+    """Codes and grids against :func:`reference_gptq64` on a layer whose input scales vary, so that the
+    visiting order matters; block 32 holds two groups of 16, so a grid taken from the columns' latest
+    values (the defect of issue 26) differs from the block-start one."""
+    from lotaqaf_cli.core.gptq import group_aware_order
+
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(24, 96, generator=g)
+    X = torch.randn(400, 96, generator=g) * torch.rand(96, generator=g).mul(3).add(0.1)
+    X[:, 7] *= 6  # one outlier channel
+    H = 2 / 400 * X.T @ X
+    res = gptq_quantize(W, H, 2, 16, block_size=32, act_order=how == "act_order",
+                        act_group_aware=how == "act_group_aware")
+    order = {"natural": torch.arange(96), "act_group_aware": group_aware_order(H.diag(), 16),
+             "act_order": torch.argsort(H.diag(), descending=True)}[how]
+    codes, grids = reference_gptq64(W, H, 2, 16, order, block_size=32)
+    assert torch.equal(res.codes.t().double(), codes)
+    for k, (scale, zero) in enumerate(grids):  # the grid of the k-th visited group sits at its group index
+        g_of = k if how == "act_order" else int(order[16 * k]) // 16
+        assert torch.equal(res.scales[g_of].double(), scale) and torch.equal(res.zeros[g_of].double(), zero)
+    expected_g_idx = torch.argsort(order) // 16 if how == "act_order" else torch.arange(96) // 16
+    assert torch.equal(res.g_idx.long(), expected_g_idx)
+    if how != "natural":  # the order changes the result
+        natural, _ = reference_gptq64(W, H, 2, 16, torch.arange(96), block_size=32)
+        assert not torch.equal(codes, natural)

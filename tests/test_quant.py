@@ -103,3 +103,33 @@ def test_dequant_quant_matches_float64_reference(bits):
     assert math.isclose(got.sub(w.double()).abs().max().item(), ref.sub(w.double()).abs().max().item(),
                         rel_tol=1e-4)
     assert int(codes.max()) <= 2**bits - 1
+
+
+def test_mse_params_pick_the_best_shrunk_grid_in_float64():
+    """Against every candidate grid scored in float64: the chosen one has the smallest error, and is
+    min-max (p = 1) when nothing beats it."""
+    from lotaqaf_cli.core.quant import minmax_params, mse_params
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 32, generator=g)
+    w[:5, 0] *= 8  # outliers: clipping them pays
+    bits, norm = 2, 2.4
+    scale, zero = mse_params(w, bits, norm)
+
+    def err64(s, z):
+        s, z, w64 = s.double()[:, None], z.double()[:, None], w.double()
+        q = torch.clamp(torch.round(w64 / s) + z, 0, 3)
+        return ((s * (q - z) - w64).abs() ** norm).sum(1)
+
+    lo, hi = w.amin(1).clamp(max=0).double(), w.amax(1).clamp(min=0).double()
+    candidates = []
+    for i in range(80):
+        p = 1 - i / 100
+        s = ((p * hi - p * lo) / 3).half().double()
+        candidates.append(err64(s, torch.round(-p * lo / s).clamp(0, 3)))
+    best = torch.stack(candidates).amin(0)
+    assert torch.allclose(err64(scale, zero), best, rtol=1e-5)
+    mm_scale, _ = minmax_params(w, bits)
+    assert (scale[:5] < mm_scale[:5]).all()  # the outlier rows are clipped
+    on_grid = torch.tensor([[-1.0, 0.0, 1.0, 2.0] * 8])  # exactly on the min-max grid (s 1, z 1): kept
+    assert torch.equal(torch.stack(mse_params(on_grid, 2, norm)), torch.stack(minmax_params(on_grid, 2)))

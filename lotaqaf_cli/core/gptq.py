@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant import group_index, minmax_params, num_groups, quantize_codes
+from .quant import group_index, group_params, num_groups, quantize_codes
 
 
 class HessianAccumulator:
@@ -41,10 +41,30 @@ class QuantResult:
     g_idx: torch.Tensor   # int32 [D_in]
 
 
+def group_aware_order(diag: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The visiting order of group-aware reordering (GAR; Gafni et al., CVPRW 2025, as GPTQModel's
+    `act_group_aware`): groups by decreasing largest Hessian diagonal, and inside each group its
+    columns by decreasing diagonal. Each group's columns stay together, so the codes keep the
+    trivial g_idx; ``perm[k]`` is the column visited k-th. Ties keep the column order (stable)."""
+    d_in = diag.numel()
+    gs = d_in if group_size <= 0 else group_size
+    per_group = diag.reshape(d_in // gs, gs)
+    inner = torch.argsort(per_group, dim=1, descending=True, stable=True)
+    order = torch.argsort(per_group.amax(dim=1), descending=True, stable=True)
+    return (inner + gs * torch.arange(d_in // gs, device=diag.device)[:, None])[order].reshape(-1)
+
+
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, *,
                   damp_percent: float = 0.01, block_size: int = 128, act_order: bool = False,
-                  static_groups: bool = False) -> QuantResult:
-    """Quantize ``weight`` [D_out, D_in] with GPTQ given the input Hessian ``H`` [D_in, D_in]."""
+                  act_group_aware: bool = False, static_groups: bool = False, mse: float = 0.0) -> QuantResult:
+    """Quantize ``weight`` [D_out, D_in] with GPTQ given the input Hessian ``H`` [D_in, D_in].
+
+    Visiting order: act_order (decreasing Hessian diagonal, groups by visiting position: g_idx),
+    else act_group_aware (:func:`group_aware_order`: trivial g_idx), else the column order.
+    Each group's scale and zero point come from the group's weights as they stand at the start of
+    the lazy block that holds its first column (W is updated once per block), as in GPTQ and
+    GPTQModel; docs/decisions.md says why not from the columns' latest values. ``mse`` > 0: each
+    group's range is searched (quant.mse_params) instead of min-max."""
     W = weight.detach().clone().float()
     d_out, d_in = W.shape
     gs = d_in if group_size <= 0 else group_size
@@ -59,12 +79,14 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: 
     zeros = torch.zeros(G, d_out, device=W.device)
     if static_groups:  # all group parameters from the original weights, before any update
         for g in range(G):
-            scales[g], zeros[g] = minmax_params(W[:, g * gs:(g + 1) * gs], bits)
+            scales[g], zeros[g] = group_params(W[:, g * gs:(g + 1) * gs], bits, mse)
 
     perm = torch.arange(d_in, device=W.device)
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+    elif act_group_aware:
+        perm = group_aware_order(torch.diag(H), group_size)
+    W, H = W[:, perm], H[perm][:, perm]
     invperm = torch.argsort(perm)
 
     damp = damp_percent * torch.mean(torch.diag(H))
@@ -87,10 +109,9 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: 
                 g = int(perm[col]) // gs
                 scale, zero = scales[g], zeros[g]
             elif col % gs == 0:
-                # Parameters from the current (already error-updated) columns of this group.
-                upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
-                scale, zero = minmax_params(upcoming, bits)
-                scales[col // gs], zeros[col // gs] = scale, zero
+                scale, zero = group_params(W[:, col:col + gs], bits, mse)  # W: as at the start of this block
+                g = col // gs if act_order else int(perm[col]) // gs  # act_order: g_idx follows the visit
+                scales[g], zeros[g] = scale, zero
             w = W1[:, i]
             d = Hinv1[i, i]
             q = quantize_codes(w, scale, zero, bits)

@@ -86,7 +86,8 @@ def _sequential_groups(linears: dict, true_sequential: bool) -> list[list[str]]:
 
 @torch.no_grad()
 def quantize_layer(layer: nn.Module, li: int, inputs: list[tuple], *, bits: int, group_size: int,
-                   method: str = "gptq", act_order: bool = False, static_groups: bool = False,
+                   method: str = "gptq", act_order: bool = False, act_group_aware: bool = False,
+                   static_groups: bool = False, mse: float = 0.0,
                    true_sequential: bool = False, damp_percent: float = 0.01, block_size: int = 128,
                    device: str | torch.device = "cpu", mine=None, share=None) -> list[LayerStat]:
     """Quantize decoder layer ``li`` in place (every nn.Linear -> QuantLinear) from its calibration
@@ -120,7 +121,8 @@ def quantize_layer(layer: nn.Module, li: int, inputs: list[tuple], *, bits: int,
             rtn_w = dequantize(*[t.to(W.device) for t in (rtn[0], rtn[1], rtn[2], rtn[3])]).t()
             if method == "gptq":
                 res = gptq_quantize(W, H, bits, group_size, damp_percent=damp_percent, block_size=block_size,
-                                    act_order=act_order, static_groups=static_groups)
+                                    act_order=act_order, act_group_aware=act_group_aware,
+                                    static_groups=static_groups, mse=mse)
                 codes, scales, zeros, g_idx = res.codes, res.scales, res.zeros, res.g_idx
             else:
                 codes, scales, zeros, g_idx = rtn

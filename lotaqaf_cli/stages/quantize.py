@@ -6,7 +6,7 @@
     quantize_streamed(skeleton, load_layer, emit_layer, windows, quant, device)
                                               -> per-layer stats; one decoder layer resident at a time
 
-Takes the recipe's `quant` section. The command layer (runner.py) loads the source, prepares the
+Takes the recipe's `quant` section. The command layer (chain.py) loads the source, prepares the
 calibration windows, looks up and fills the cache, and writes the record.
 """
 
@@ -24,8 +24,9 @@ from ..core import quantize_model as qm
 from ..core.quantize_model import linear_layers
 from ..errors import LotaqafError
 
-SETTINGS = ("method", "bits", "group_size", "act_order", "static_groups", "true_sequential", "damp_percent",
-            "block_size")
+SETTINGS = ("method", "bits", "group_size", "act_order", "act_group_aware", "static_groups", "true_sequential",
+            "damp_percent", "block_size", "mse")
+MSE_AUTO_NORM = 2.4  # GPTQ's and GPTQModel's norm for the range search
 
 
 def _label(quant: DictConfig) -> str:
@@ -33,8 +34,21 @@ def _label(quant: DictConfig) -> str:
 
 
 def settings(quant: DictConfig) -> dict:
-    """The quantizer settings that determine the codes (cache key, provenance, checkpoint config)."""
-    return {k: quant[k] for k in SETTINGS}
+    """The quantizer settings that determine the codes (cache key, provenance, checkpoint config).
+    act_order decides the visiting order when it is on, so act_group_aware is recorded as off then;
+    ``mse: auto`` is recorded as the norm it stands for."""
+    s = {k: quant[k] for k in SETTINGS}
+    s["act_group_aware"] = bool(s["act_group_aware"] and not s["act_order"])
+    s["mse"] = float(mse_norm(quant.mse, quant.bits))
+    return s
+
+
+def mse_norm(mse, bits: int) -> float:
+    """The range search's norm for ``quant.mse``: auto searches where the grid is coarse (2 and 3 bits),
+    where clipping a few outliers for a finer step pays (docs/decisions.md); 4 and 8 bits keep min-max."""
+    if mse == "auto":
+        return MSE_AUTO_NORM if bits <= 3 else 0.0
+    return float(mse)
 
 
 def check_shapes(shapes: dict[str, tuple[int, int]], quant: DictConfig) -> None:

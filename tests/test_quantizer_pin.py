@@ -1,0 +1,37 @@
+"""The quantizer is pinned: the smoke model quantized with the default recipe's settings at three widths
+must give these exact tensors. A change that moves the base (the GPTQ math, the grid, the default
+settings, the calibration forwards) fails here and is made on purpose: update the hash in the same
+commit and say why in docs/decisions.md ("The quantizer pin")."""
+
+import hashlib
+
+import pytest
+import torch
+
+from lotaqaf_cli.config import compose
+from lotaqaf_cli.core.qlinear import quantized_modules
+from lotaqaf_cli.core.quantize_model import quantize_model
+from lotaqaf_cli.stages.quantize import settings
+
+PINNED = {
+    (2, 32): "4ab294aa3cbba81cbc3d974b378167c47111e8d09053dfa1d3a049ed8c32728b",
+    (3, 32): "9ae5373f2df7fb1d6506996cd635e832190f352b60b5acfe3b3578a8877bae9e",
+    (4, 32): "5ddbce4914c2cb1d12a12f259e191ca437611fa8a5be1047cdfe5435716d3a3c",
+}
+
+
+def tensor_hash(model) -> str:
+    h = hashlib.sha256()
+    for name, m in sorted(quantized_modules(model).items()):
+        for buf in ("qweight", "scales", "zeros", "g_idx"):
+            t = getattr(m, buf).detach().cpu().contiguous()
+            h.update(f"{name}.{buf}:{t.dtype}:{tuple(t.shape)}".encode() + t.numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("bits,group_size", sorted(PINNED))
+def test_quantized_smoke_model_is_pinned(smoke, calib_ids, bits, group_size):
+    quant = compose(["recipe=smoke", f"quant.bits={bits}", f"quant.group_size={group_size}"]).quant
+    quantize_model(smoke, list(calib_ids.split(quant.batch_size)), **settings(quant))
+    assert tensor_hash(smoke) == PINNED[(bits, group_size)], (
+        "the quantized base moved: if on purpose, update PINNED and docs/decisions.md in the same commit")

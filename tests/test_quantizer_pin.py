@@ -14,8 +14,8 @@ from lotaqaf_cli.core.quantize_model import quantize_model
 from lotaqaf_cli.stages.quantize import settings
 
 PINNED = {
-    (2, 32): "4ab294aa3cbba81cbc3d974b378167c47111e8d09053dfa1d3a049ed8c32728b",
-    (3, 32): "9ae5373f2df7fb1d6506996cd635e832190f352b60b5acfe3b3578a8877bae9e",
+    (2, 32): "8d580e0ac7d2b90f9dacbc4e25af17c49f03752ad62e32345e828ddabae86de4",
+    (3, 32): "c7d59619f616c66c8c9c8ee52d0edd75fb5d33d872a4a31562e797ea521f9d79",
     (4, 32): "5ddbce4914c2cb1d12a12f259e191ca437611fa8a5be1047cdfe5435716d3a3c",
 }
 

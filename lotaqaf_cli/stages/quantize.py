@@ -26,7 +26,7 @@ from ..errors import LotaqafError
 
 SETTINGS = ("method", "bits", "group_size", "act_order", "act_group_aware", "static_groups", "true_sequential",
             "damp_percent", "block_size", "mse")
-MSE_AUTO_NORM = 2.4  # GPTQ's and GPTQModel's norm for the range search
+MSE_AUTO_NORM = 2.0  # squared error: GPTQ's own objective, and 2.7x cheaper to search than its --mse norm 2.4
 
 
 def _label(quant: DictConfig) -> str:

@@ -1,7 +1,11 @@
 """The quantizer is pinned: the smoke model quantized with the default recipe's settings at three widths
 must give these exact tensors. A change that moves the base (the GPTQ math, the grid, the default
 settings, the calibration forwards) fails here and is made on purpose: update the hash in the same
-commit and say why in docs/decisions.md ("The quantizer pin")."""
+commit and say why in docs/decisions.md ("The quantizer is pinned").
+
+GPTQ magnifies float rounding, so the hashes belong to a kind of CPU: checked on x86-64 with torch's
+AVX-512 and AVX2 kernels (ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2); with the unvectorized
+kernels (ATEN_CPU_CAPABILITY=default) the 3-bit hash differs."""
 
 import hashlib
 

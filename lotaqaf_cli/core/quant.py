@@ -31,17 +31,25 @@ def minmax_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
     fp16 scales reproduces the in-memory weights exactly. Returns float32 tensors of shape
     ``w.shape[:-1]``; the zero point is an integer in [0, 2^bits - 1].
     """
-    maxq = max_code(bits)
+    return _grid(*_range(w), max_code(bits))
+
+
+def _range(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``w`` (last dim): [min, max] widened to include 0; a row of zeros gets [-1, 1]."""
     w = w.float()
     wmin = w.amin(dim=-1).clamp(max=0.0)
     wmax = w.amax(dim=-1).clamp(min=0.0)
     flat = (wmax - wmin) == 0
-    wmin = torch.where(flat, torch.full_like(wmin, -1.0), wmin)
-    wmax = torch.where(flat, torch.full_like(wmax, 1.0), wmax)
-    scale = ((wmax - wmin) / maxq).half().float()
+    return (torch.where(flat, torch.full_like(wmin, -1.0), wmin),
+            torch.where(flat, torch.full_like(wmax, 1.0), wmax))
+
+
+def _grid(lo: torch.Tensor, hi: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp16-rounded scale and integer zero point of the range [lo, hi]."""
+    scale = ((hi - lo) / maxq).half().float()
     # fp16 rounding can underflow a tiny range to zero or to subnormals: keep scales positive.
     scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0**-14))
-    zero = torch.round(-wmin / scale).clamp(0, maxq)
+    zero = torch.round(-lo / scale).clamp(0, maxq)
     return scale, zero
 
 
@@ -54,20 +62,13 @@ def mse_params(w: torch.Tensor, bits: int, norm: float, grid: int = 100, maxshri
     matters most at 2 and 3 bits."""
     maxq = max_code(bits)
     w = w.float()
-    wmin = w.amin(dim=-1).clamp(max=0.0)
-    wmax = w.amax(dim=-1).clamp(min=0.0)
-    flat = (wmax - wmin) == 0
-    wmin = torch.where(flat, torch.full_like(wmin, -1.0), wmin)
-    wmax = torch.where(flat, torch.full_like(wmax, 1.0), wmax)
+    wmin, wmax = _range(w)
     shrink = 1 - torch.arange(int(maxshrink * grid), device=w.device, dtype=torch.float32) / grid
     step = max(1, chunk_elems // max(1, w.numel()))  # shrink factors per pass: bounded temporaries
     best_err = best_scale = best_zero = None
     for k in range(0, shrink.numel(), step):
         p = shrink[k:k + step].reshape(-1, *([1] * wmin.dim()))  # [P, rows...]
-        lo, hi = p * wmin, p * wmax
-        scale = ((hi - lo) / maxq).half().float()
-        scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0**-14))
-        zero = torch.round(-lo / scale).clamp(0, maxq)
+        scale, zero = _grid(p * wmin, p * wmax, maxq)
         q = torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], 0, maxq)
         err = (scale[..., None] * (q - zero[..., None]) - w).abs_().pow_(norm).sum(dim=-1)  # [P, rows...]
         e, i = err.min(dim=0)  # the first of equal errors: the widest range

@@ -10,7 +10,6 @@ kernels (ATEN_CPU_CAPABILITY=default) the 3-bit hash differs."""
 import hashlib
 
 import pytest
-import torch
 
 from lotaqaf_cli.config import compose
 from lotaqaf_cli.core.qlinear import quantized_modules

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import __version__, dist, memory, ui
+from . import __version__, dist, memory, precision, ui
 from .data import sft
 from .errors import LotaqafError
 from .interrupts import Interrupted
@@ -45,7 +45,7 @@ def step_quantize(s: Session) -> None:
     src = s.load_source(weights=not streams(q.stream, cfg.model.path))
     if src.quantized:
         ui.say(f"{cfg.model.path} is already a GPTQ checkpoint: skipping quantization")
-        s.base, s.base_info = src.model, src.info
+        s.base, s.base_info = s.place(src.model), src.info
         s.run.write_record("quantize", {"skipped": True, "checkpoint": cfg.model.path,
                                         "content_hash": src.source_hash, "source_hash": src.source_hash})
         return
@@ -65,7 +65,7 @@ def step_quantize(s: Session) -> None:
         cached = None
     if cached is not None:
         s.base, _tok, s.base_info = cached
-        s.base.to(pick_device(cfg))
+        s.place(s.base)
         ui.say(f"reusing the cached quantized base {out_dir} (same source, settings and calibration)")
         s.run.write_record("quantize", {"cached": True, "checkpoint": str(out_dir), "source_hash": src.source_hash,
                                         "content_hash": s.base_info["content_hash"], "settings": settings})
@@ -83,13 +83,14 @@ def step_quantize(s: Session) -> None:
         if s.stages[-1:] != ["quantize"]:  # later stages need the base: its packed weights, read back
             with ui.status("loading the quantized base (packed) ..."):
                 s.base, _tok, s.base_info = s.cache.load_quantized(key)
-            s.base.to(pick_device(cfg))
+            s.place(s.base)
     else:
         s.base, stats = quantize.quantize(src.model, calib, q, pick_device(cfg), split=_linear_split())
         s.timings["quantize_s"] = round(time.time() - t0, 1)
         with ui.status("writing the quantized checkpoint ..."):
             chash = dist.from_main(lambda: save_quantized(s.base, src.tokenizer, out_dir, settings, provenance))
         s.base_info = {"settings": settings, "provenance": provenance, "content_hash": chash}
+        s.place(s.base)  # quantized and written in the source's dtype; from here on in the run's precision
     per_kind = quantize.summarize(stats)
     quantize.show_table(per_kind)
     s.run.write_record("quantize", {
@@ -153,7 +154,8 @@ def step_train(s: Session) -> None:
     s.adapter_header = {**spec, "base_hash": s.base_info["content_hash"], "steps": cfg.optim.steps, "seed": cfg.seed}
     if dist.main():
         save_adapter(s.adapted, s.run.adapter_file, s.adapter_header)
-    s.run.write_record("train", {"adapter": s.adapter_header, "timings": dict(s.timings), **summary})
+    s.run.write_record("train", {"adapter": s.adapter_header, "precision": s.precision.name,
+                                 "timings": dict(s.timings), **summary})
     ui.say(f"adapter written to {s.run.adapter_file} ({s.timings['train_s']} s of training)")
 
 
@@ -161,7 +163,9 @@ def step_ppl(s: Session) -> None:
     cfg = s.cfg
     src = s.load_source(weights=False)
     windows, digest = s.windows_for("heldout", cfg.ppl)
-    models = {} if src.quantized or src.model is None else {"16-bit": src.model}
+    # the 16-bit source in the run's precision (a cast copy when it is held in another dtype: quantization
+    # may read it again)
+    models = {} if src.quantized or src.model is None else {"16-bit": precision.cast_copy(src.model, s.precision.dtype)}
     if src.model is None:
         ui.say("16-bit perplexity: skipped (the source was streamed, not loaded; "
                "`lotaqaf eval --tasks ppl --model 16bit` loads it whole)")
@@ -191,6 +195,7 @@ def step_merge(s: Session) -> None:
         else:
             with ui.status(f"loading {run.path} ..."):
                 s.adapted, s.tokenizer, s.adapter_header, s.base_info = run.load_adapted()
+            s.place(s.adapted)
     kind = s.adapter_header["kind"]
     s.base = None  # from here on the chain needs the adapted and merged models only (memory: core/plan.py)
     memory.trim_heap()
@@ -206,7 +211,7 @@ def step_merge(s: Session) -> None:
             s.merged = None
             memory.trim_heap()
             reloaded, _, rinfo = load_quantized(tmp)
-            merge.check_reloaded(reloaded, s.adapted, kind, cert)
+            merge.check_reloaded(s.place(reloaded), s.adapted, kind, cert)
             cert["merged_hash"] = rinfo["content_hash"]
             s.merged = reloaded
     cert["seconds"] = round(time.time() - t0, 1)

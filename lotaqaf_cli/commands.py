@@ -21,7 +21,7 @@ import lotaqaf_kernels as kernels
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import chain, dist, memory, ui
+from . import chain, dist, memory, precision, ui
 from .config import writable_dir
 from .core.qlinear import quantized_modules
 from .errors import LotaqafError
@@ -139,6 +139,9 @@ def cmd_eval(cfg: DictConfig) -> None:
     else:
         model, tok, info = run.load_merged()
         label = "merged"
+    prec = precision.resolve(cfg.precision, pick_device(cfg))
+    ui.say(f"computing in {prec.name} ({prec.why})")
+    precision.cast_(model.to(pick_device(cfg)), prec.dtype)
     windows = run.heldout_windows(info, tok) if run is not None and "ppl" in ev.tasks else None
     out = evaluate.evaluate(model, tok, ev, label, windows)
     chain.write_eval(run if run is not None else RunDir.for_evals(), out)

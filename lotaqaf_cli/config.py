@@ -180,12 +180,13 @@ def schema() -> dict[str, Rule]:
     from .eval.mmlu import MMLU_ENGINES
     from .io.adapter import KINDS
     from .io.gguf_export import GGUF_TYPES
+    from .precision import PRECISIONS
 
     text = {"source": Choice(*TEXT_SOURCES), "path": PATH, "n_samples": Int(1), "seq_len": Int(8),
             "seed": Int(0)}
     return {
         "name": STR, "description": STR, "seed": Int(0), "device": Choice("auto", "cpu", "cuda"), "resume": BOOL,
-        "kernels": Choice(*kernels.MODES),
+        "kernels": Choice(*kernels.MODES), "precision": Choice(*PRECISIONS),
         "stages": Rule("list", item=Choice(*STAGES), nonempty=True),
         "run.root": STR, "run.dir": PATH,
         "model.path": STR, "model.dtype": Choice(*DTYPES),

@@ -6,6 +6,8 @@ to step (chain.py), so a chained run loads its base at most once.
     Session.load_source(weights)       the 16-bit source (weights=False: tokenizer and hash only)
     Session.windows_for(role, section) calibration or held-out token windows and their hash
     Session.records() / examples()     training data: raw records (read before any model loads), tokenized
+    Session.precision / place(model)   the resolved precision (precision.py); a model moved to the device and
+                                       cast to it (in place)
     pick_device(cfg)                   the torch device the config asks for
 """
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from omegaconf import DictConfig
 
-from . import dist, ui
+from . import dist, precision, ui
 from .data import selfgen, sft, shipped
 from .errors import LotaqafError
 from .io.models import LoadedModel, load_model
@@ -51,10 +53,25 @@ class Session:
     plan: dict | None = None                      # its memory plan (stages/plan.py's summary)
     timings: dict = field(default_factory=dict)
     _records: list | None = None
+    _precision: precision.Precision | None = None
 
     def __post_init__(self):
         if self.source is not None:
             self.tokenizer = self.source.tokenizer
+
+    @property
+    def precision(self) -> precision.Precision:
+        """The precision the models compute in (cfg.precision resolved on the run's device; said once, and
+        written to run.log)."""
+        if self._precision is None:
+            self._precision = precision.resolve(self.cfg.precision, pick_device(self.cfg))
+            ui.say(f"computing in {self._precision.name} ({self._precision.why})")
+            self.run.log(f"precision {self._precision.name}: {self._precision.why}")
+        return self._precision
+
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` (in place) on the run's device, its non-quantized tensors in the run's precision."""
+        return precision.cast_(model.to(pick_device(self.cfg)), self.precision.dtype)
 
     @property
     def cache(self) -> Cache:

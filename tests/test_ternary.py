@@ -455,3 +455,30 @@ def test_markers_disabled_is_the_offset_factor_alone(gran):
     expect = dW.view(4, 4, 12).mean(dim=1) / omega if gran == "group" else dW.mean().view(1, 1) / omega
     torch.testing.assert_close(mu.double(), expect, rtol=1e-6, atol=1e-7)
     assert "markers=False" in repr(off)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_markers_formed_in_few_columns_match_the_dense_reference(act_order):
+    """The CPU path forms dW only in the columns whose bound |dW| <= min(max|A| ||B_j||_1, max ||A_i||_1
+    max|B_j|) exceeds omega: here 3 dense columns of B out of 40 (the rest too sparse to cross), with
+    edge codes so that the boundary blocks some markers; markers, blocked count and mu against float64."""
+    gen = _gen(11)
+    d_in, d_out, r, gs, omega = 64, 40, 12, 16, 6.0
+    base = random_qlinear(d_in, d_out, 2, gs, seed=3, act_order=act_order, edge_codes=True)
+    layer = TernaryLinear(base, rank=r, omega=omega, generator=gen)
+    B = _ternary((r, d_out), gen, p_zero=0.85)
+    B[:, 1] = 1.0                                                   # columns that can cross omega
+    B[:, 17] = -1.0
+    B[:, 30] = _ternary((r,), gen, p_zero=0.0)
+    with torch.no_grad():
+        layer.B_T.copy_(B)
+        layer.A_T.copy_(_ternary((d_in, r), gen, p_zero=0.1))
+    dW = layer.A_T.detach().double() @ B.double()
+    assert (dW.abs() > omega).any() and not (dW[:, [c for c in range(d_out) if c not in (1, 17, 30)]].abs() > omega).any()
+    codes = base.codes
+    w_hat, blocked = markers(dW, omega, codes < 3, codes > 0, return_blocked=True)
+    w, mu = layer.markers_and_offset()
+    assert blocked > 0 and layer.marker_stats()["blocked"] == blocked
+    assert torch.equal(w.double(), w_hat)
+    mu_ref = offset_factor(dW, w_hat, omega, base.g_idx, "group", num_groups=base.scales.shape[0])
+    torch.testing.assert_close(mu.double(), mu_ref, rtol=1e-7, atol=1e-9)

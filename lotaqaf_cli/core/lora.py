@@ -37,9 +37,11 @@ class LoRALinear(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """base(x) + scaling * x A B, the adapter's product in the activations' dtype (its float32 master
+        weights cast on the way, as autocast does: bf16 at precision=bf16)."""
         y = self.base(x)
-        h = self.adapter_input(self.dropout(x)).to(self.lora_A.dtype)
-        return y + ((h @ self.lora_A) @ self.lora_B * self.scaling).to(y.dtype)
+        h = self.adapter_input(self.dropout(x))
+        return y + ((h @ self.lora_A.to(h.dtype)) @ self.lora_B.to(h.dtype) * self.scaling).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """The adapter as an input-major weight delta [D_in, D_out] (for merging)."""

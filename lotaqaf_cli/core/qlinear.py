@@ -40,12 +40,14 @@ def linear_in_major(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None)
 
 
 def quant_matmul(x: torch.Tensor, q: QuantLinear, zeros: torch.Tensor | None = None,
-                 markers: tuple[torch.Tensor, torch.Tensor] | None = None, cache: dict | None = None) -> torch.Tensor:
+                 markers: tuple[torch.Tensor, torch.Tensor] | None = None, cache: dict | None = None,
+                 weight_out: dict | None = None) -> torch.Tensor:
     """y = x @ W + bias with W = s[g] * ((W_int + W_hat) - z[g]) from ``q``'s packed codes.
 
     ``zeros`` replaces q.zeros (an adapter's z - mu); ``markers`` are sparse W_hat (flat indices, +-1)
     added to the integer codes; ``cache`` (a dict the caller keeps, keyed by what the weight depends
-    on) lets a kernel keep a prepared weight between calls.
+    on) lets a kernel keep a prepared weight between calls; ``weight_out``: where the torch path leaves
+    the dense W it formed (in x's dtype, under "w"), for a backward that would form it again.
     """
     zeros = q.zeros if zeros is None else zeros
     x2 = x.reshape(-1, x.shape[-1])
@@ -63,6 +65,8 @@ def quant_matmul(x: torch.Tensor, q: QuantLinear, zeros: torch.Tensor | None = N
     else:
         w = dequantize_packed(q.qweight, q.bits, q.scales, zeros, q.g_idx, markers).to(x.dtype)
         y = linear_in_major(x2, w, q.bias)
+        if weight_out is not None:
+            weight_out["w"] = w
     return y.view(*x.shape[:-1], q.out_features)
 
 

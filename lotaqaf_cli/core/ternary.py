@@ -65,13 +65,16 @@ def ternary_init_B(r: int, d_out: int) -> torch.Tensor:
 # Markers (sparse, with the boundary check against the packed codes) and the group layout
 # ----------------------------------------------------------------------------------------------
 
-def marker_entries(dW: torch.Tensor, omega: float, qweight: torch.Tensor | None = None, bits: int | None = None):
+def marker_entries(dW: torch.Tensor, omega: float, qweight: torch.Tensor | None = None, bits: int | None = None,
+                   cols: torch.Tensor | None = None, d_out: int | None = None):
     """Sparse markers: (flat indices int64, values int8 +-1) of the non-zero W_hat entries after the
     boundary check, and the number of markers the boundary suppressed (0-d tensor).
 
     The boundary check reads the codes from the packed words ``qweight`` (``bits`` wide) at the
     elements whose |dW| crossed omega only: a +1 is suppressed where W_int == 2^N-1, a -1 where
-    W_int == 0; no check without ``qweight``. (On CUDA the ``nonzero`` is a host sync.)
+    W_int == 0; no check without ``qweight``. With ``cols`` (sorted int64), ``dW`` holds only those
+    columns of a [D_in, ``d_out``] product, and the indices are the whole product's. (On CUDA the
+    ``nonzero`` is a host sync.)
     """
     flat = dW.reshape(-1)
     lo, hi = torch.aminmax(flat) if flat.numel() else (flat.new_zeros(()), flat.new_zeros(()))
@@ -80,9 +83,11 @@ def marker_entries(dW: torch.Tensor, omega: float, qweight: torch.Tensor | None 
         return empty, empty.to(torch.int8), torch.zeros((), dtype=torch.int64, device=dW.device)
     idx = (flat.abs() > omega).nonzero().squeeze(1)
     up = flat[idx] > 0
+    if cols is not None:  # local [D_in, len(cols)] positions -> the whole product's
+        idx = idx // dW.shape[1] * d_out + cols[idx % dW.shape[1]]
+    d_out = dW.shape[1] if d_out is None else d_out
     ok = torch.ones_like(up)
     if qweight is not None:
-        d_out = dW.shape[1]
         code = codes_at(qweight, bits, idx // d_out, idx % d_out)
         ok = torch.where(up, code < max_code(bits), code > 0)
     blocked = (~ok).sum()
@@ -116,19 +121,28 @@ def check_hparams(rank: int, omega: float, granularity: str = "group") -> None:
     check_granularity(granularity)
 
 
+SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+
+
 class _TernaryLinearFn(torch.autograd.Function):
     """y = x @ W_eff + bias through the one quantized multiply (qlinear.quant_matmul) that the merged
     layer uses too. Saves x, A_T, B_T and the sparse markers and mu of the forward (small: the non-zero
-    markers and a [G, D_out] tensor); the dense W_eff is rebuilt from them in backward when grad_x is
-    needed, never kept alive in between."""
+    markers and a [G, D_out] tensor). With float32 activations the dense W_eff is rebuilt from them in
+    backward when grad_x is needed, never kept alive in between; with 16-bit activations the 16-bit
+    W_eff the forward formed is kept for backward instead (what autograd keeps for a LoRA layer's base:
+    the same memory, and one dequantization a step instead of two)."""
 
     @staticmethod
     def forward(ctx, x, A_T, B_T, layer):
         idx, val, mu, blocked = layer._markers_mu(A_T, B_T)
         layer._record_marker_counts(val, blocked)
         ctx.layer, ctx.mu = layer, mu
+        kept = {} if x.dtype in SIXTEEN_BIT and ctx.needs_input_grad[0] else None
+        y = quant_matmul(x, layer.base, merged_zeros(layer.base.zeros, mu), (idx, val), layer._cache_for_call(),
+                         weight_out=kept)
+        ctx.w = None if kept is None else kept.get("w")
         ctx.save_for_backward(x, A_T, B_T, idx, val)
-        return quant_matmul(x, layer.base, merged_zeros(layer.base.zeros, mu), (idx, val), layer._cache_for_call())
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -138,18 +152,16 @@ class _TernaryLinearFn(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         grad_x = grad_a = grad_b = None
         if need_x:
-            w = layer._weight(idx, val, ctx.mu).to(dy.dtype)
+            w = ctx.w if ctx.w is not None else layer._weight(idx, val, ctx.mu).to(dy.dtype)
+            ctx.w = None
             grad_x = (dy2 @ w.t()).view(x.shape)
         if need_a or need_b:
             x2 = x.reshape(-1, x.shape[-1])
             if layer._per_group_grads_pay(x2.shape[0]):
                 grad_a, grad_b = layer._grads_per_group(x2, dy2, A_T.float(), B_T.float())
-                grad_a, grad_b = grad_a.to(A_T.dtype), grad_b.to(B_T.dtype)
             else:
-                g = (x2.t() @ dy2.to(x.dtype)).float()  # G = x^T dy  [D_in, D_out]
-                gd = layer._grad_dW(g)  # in place on g
-                grad_a = (gd @ B_T.float().t()).to(A_T.dtype)
-                grad_b = (A_T.float().t() @ gd).to(B_T.dtype)
+                grad_a, grad_b = layer._grads_dense(x2, dy2.to(x.dtype), A_T, B_T)
+            grad_a, grad_b = grad_a.to(A_T.dtype), grad_b.to(B_T.dtype)
         return grad_x, grad_a, grad_b, None
 
 
@@ -226,6 +238,8 @@ class TernaryLinear(nn.Module):
             idx, val, r_sums, blocked = kernels.ternary_step(A_T.detach(), B_T.detach(), base.qweight, base.bits,
                                                              base.g_idx, self._n_groups, self.omega, self.markers)
             return idx, val, self._pooling.mu_from_group_sums(r_sums, self.omega, self._groups), blocked
+        if self._pooling.name in ("group", "none"):
+            return self._markers_mu_by_columns(A_T.detach(), B_T.detach())
         dW = auxiliary_product(A_T.detach(), B_T.detach())
         if self.markers:
             idx, val, blocked = marker_entries(dW, self.omega, base.qweight, base.bits)
@@ -234,6 +248,36 @@ class TernaryLinear(nn.Module):
         if self._pooling.residual and idx.numel():  # R = dW - omega * W_hat, in place
             dW.view(-1).index_add_(0, idx, val.to(dW.dtype), alpha=-self.omega)
         return idx, val, self._pooling.mu(dW, self.omega, self._groups), blocked
+
+    def _markers_mu_by_columns(self, A, B):
+        """:meth:`_markers_mu` for group (or no) pooling without the dense dW [D_in, D_out]:
+
+        - a marker can fire in column j only if max_i |dW[i, j]| > omega, and
+          max_i |dW[i, j]| <= min(max|A| * ||B[:, j]||_1, max_i ||A[i]||_1 * max|B[:, j]|)  (a bound of
+          [r] x [r] products; for ternary A, B the number of non-zeros), so dW is formed only in the
+          columns whose bound exceeds omega (none, usually: omega ~ 0.75 r);
+        - the group sums of R = dW - omega * W_hat are (sum of A's rows in each group) @ B minus omega times
+          the markers' group sums: integers (for integer A, B) summed exactly, as the Triton ternary step
+          does, so mu is the dense path's whatever the order of the sums."""
+        base, omega, groups = self.base, self.omega, self._groups
+        n_out = B.shape[1]
+        empty = torch.zeros(0, dtype=torch.int64, device=A.device)
+        idx, val, blocked = empty, empty.to(torch.int8), torch.zeros((), dtype=torch.int64, device=A.device)
+        if self.markers:
+            a, b = A.abs(), B.abs()
+            bound = torch.minimum(a.amax() * b.sum(dim=0), a.sum(dim=1).amax() * b.amax(dim=0))
+            cols = (bound > omega).nonzero().squeeze(1)
+            if cols.numel():
+                idx, val, blocked = marker_entries(auxiliary_product(A, B[:, cols]), omega, base.qweight, base.bits,
+                                                   cols=cols, d_out=n_out)
+        if not self._pooling.residual:
+            return idx, val, None, blocked
+        r_sums = groups.sum(A.float()) @ B.float()  # [G, D_out]: the group sums of dW
+        if idx.numel():
+            hat_sums = torch.zeros_like(r_sums)
+            hat_sums.index_put_((groups.g_idx.long()[idx // n_out], idx % n_out), val.to(r_sums.dtype), accumulate=True)
+            r_sums -= omega * hat_sums
+        return idx, val, self._pooling.mu_from_group_sums(r_sums, omega, groups), blocked
 
     def _effective(self, A_T, B_T) -> torch.Tensor:
         """W_eff fp32 [D_in, D_out] = s[g] * ((W_int + W_hat) - (z - mu)[g])."""
@@ -259,6 +303,32 @@ class TernaryLinear(nn.Module):
         groups.scale_rows_(g, self.base.scales.float())
         self._pooling.add_grad_(g, self.omega, groups)
         return g
+
+    def _grads_dense(self, x, dy, A, B):
+        """dL/dA_T, dL/dB_T through the dense G = x^T dy [K, N] (x, dy [T, K], [T, N] in the activations'
+        dtype): dL/d dW = _grad_dW(G), then dL/dA_T = dL/d dW B_T^T and dL/dB_T = A_T^T dL/d dW. With 16-bit
+        activations G, dL/d dW and the two rank-r products are 16-bit (dL/d dW formed in float32 and
+        rounded once: :meth:`_grad_dW_16`); with float32 all is float32."""
+        g = x.t() @ dy
+        if g.dtype in SIXTEEN_BIT:
+            gd = self._grad_dW_16(g)
+            return gd @ B.to(gd.dtype).t(), A.to(gd.dtype).t().contiguous() @ gd
+        gd = self._grad_dW(g)  # in place on G
+        return gd @ B.t(), A.t() @ gd
+
+    def _grad_dW_16(self, g: torch.Tensor) -> torch.Tensor:
+        """:meth:`_grad_dW` of a 16-bit G, computed in float32 and returned in G's dtype; for contiguous
+        groups and group (or no) pooling in one fused pass: s * G + s * (sum of G over the group) / (omega * gs)."""
+        gf = g.float()
+        if self._gs is None or self._pooling.name not in ("group", "none"):
+            return self._grad_dW(gf).to(g.dtype)
+        s = self.base.scales.float()[:, None]  # [G, 1, N]
+        gv = gf.view(self._n_groups, self._gs, g.shape[1])
+        if self._pooling.name == "group":
+            torch.addcmul(s * (gv.sum(dim=1, keepdim=True) / (self.omega * self._gs)), gv, s, out=gv)
+        else:
+            gv *= s
+        return gf.to(g.dtype)
 
     def _per_group_grads_pay(self, tokens: int) -> bool:
         """Whether :meth:`_grads_per_group` costs fewer multiply-adds than the dense G = x^T dy path:

@@ -20,6 +20,7 @@ from ..core.perplexity import perplexity
 from ..errors import LotaqafError
 from ..eval.gsm8k import evaluate_gsm8k
 from ..eval.mmlu import evaluate_mmlu, results_markdown, results_table
+from ..precision import dtype_name
 
 
 def perplexities(models: dict, windows: torch.Tensor, batch_size: int) -> dict:
@@ -55,7 +56,7 @@ def evaluate(model, tokenizer, ev: DictConfig, label: str, windows: torch.Tensor
     dict; an MMLU report in Markdown is under ``mmlu_markdown``."""
     tasks = list(ev.tasks) if tasks is None else tasks
     model.eval()
-    out: dict = {"model": label}
+    out: dict = {"model": label, "dtype": dtype_name(model)}
     if "mmlu" in tasks:
         with _lm_eval_status(f"MMLU {ev.num_fewshot}-shot of {label}", ev.engine == "lm-eval"):
             res = evaluate_mmlu(model, tokenizer, source=ev.mmlu_source, num_fewshot=ev.num_fewshot, limit=ev.limit,

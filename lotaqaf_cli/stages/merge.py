@@ -29,6 +29,7 @@ from ..core.merge import (
     unmerge_model,
 )
 from ..errors import LotaqafError
+from ..precision import dtype_name
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -45,7 +46,7 @@ def merge(adapted: torch.nn.Module, kind: str, windows: torch.Tensor | None = No
     measured = compare_models(adapted, merged, windows, names=("adapter", "merged"))
     diff = measured["max_abs_logit_diff"]
     cert = {"kind": kind, "lotaqaf_version": __version__,
-            "probe": {"seed": PROBE_SEED, "shape": list(PROBE_SHAPE), "dtype": "float32",
+            "probe": {"seed": PROBE_SEED, "shape": list(PROBE_SHAPE), "dtype": dtype_name(adapted),
                       "device": model_device(adapted).type, "kernels": kernels.mode()},
             **measured, "exact": diff == 0.0}
     if layers:

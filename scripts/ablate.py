@@ -39,14 +39,14 @@ from pathlib import Path
 import torch
 from report import pyplot, save_figure, write_results  # scripts/ is on sys.path when a script runs
 
-from lotaqaf_cli import ui
+from lotaqaf_cli import precision, ui
 from lotaqaf_cli.chain import run_step
 from lotaqaf_cli.config import compose, validate
 from lotaqaf_cli.core.perplexity import perplexity
 from lotaqaf_cli.core.ternary import TernaryLinear
 from lotaqaf_cli.io.models import load_model
 from lotaqaf_cli.io.rundir import RunDir
-from lotaqaf_cli.session import Session
+from lotaqaf_cli.session import Session, pick_device
 
 RECIPE = "smollm2_mmlu"
 GROUP_SIZE = {3: 64, 2: 32}
@@ -115,17 +115,22 @@ class Sweep:
         self.fp16 = self.windows = self.heldout_hash = self.cfg = None
         self.t0 = time.time()
 
+    @staticmethod
+    def dtype(cfg) -> torch.dtype:
+        """Every model is scored at the run's precision (precision.py)."""
+        return precision.resolve(cfg.precision, pick_device(cfg)).dtype
+
     def reference(self, cfg, source_model, base_model, bits: int, windows=None, heldout_hash=None) -> None:
         if self.windows is None:
             self.windows, self.heldout_hash, self.cfg = windows, heldout_hash, cfg
-            self.fp16 = perplexity(source_model.eval(), windows)[0]
+            self.fp16 = perplexity(precision.cast_copy(source_model, self.dtype(cfg)).eval(), windows)[0]
             ui.say(f"16-bit held-out perplexity {self.fp16:.4f}")
         if bits not in self.gptq:
-            self.gptq[bits] = perplexity(base_model.eval(), self.windows)[0]
+            self.gptq[bits] = perplexity(precision.cast_(base_model, self.dtype(cfg)).eval(), self.windows)[0]
             ui.say(f"GPTQ INT{bits} g{GROUP_SIZE[bits]} held-out perplexity {self.gptq[bits]:.4f}")
 
     def add(self, bits: int, variant: str, cfg, adapted, train_record: dict, run_path) -> None:
-        ppl = perplexity(adapted.eval(), self.windows)[0]
+        ppl = perplexity(precision.cast_(adapted, self.dtype(cfg)).eval(), self.windows)[0]
         codes = train_record["codes_changed"]["codes"]
         row = {"bits": bits, "group_size": GROUP_SIZE[bits], "variant": variant, "what": VARIANTS[variant][0],
                "rank": cfg.adapter.rank, "omega": cfg.adapter.omega, "markers": cfg.adapter.markers,

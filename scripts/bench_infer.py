@@ -4,6 +4,7 @@ quantized base, in one process.
     .venv/bin/python scripts/bench_infer.py                      # SmolLM2-135M, RTN INT4 g64 base
     .venv/bin/python scripts/bench_infer.py --new-tokens 32      # quicker
     .venv/bin/python scripts/bench_infer.py --bits 2             # another width
+    .venv/bin/python scripts/bench_infer.py --precision bf16     # one precision (default: fp32 and bf16)
 
 (a) plain GPTQ, (b) GPTQ + unmerged LoRA (r 16, all 7 projections), (c) merged LoTA-QAF (r 64,
 omega 48, fractional zero points), all with kernels=auto, and (d) the merged model with kernels=torch
@@ -11,7 +12,9 @@ omega 48, fractional zero points), all with kernels=auto, and (d) the merged mod
 generation throughput (tokens/s) at batch 1 and batch 8 with a fixed number of new tokens, and
 prefill time of a batch of prompts, with the ratios c/b, c/a and c/d, then one token through the
 quantized layers alone. The adapters hold random (non-zero) values: speed does not depend on what
-was learned. Every measurement is interleaved over the models (medians over repetitions).
+was learned. Every model runs at each precision asked for (precision.py: non-quantized tensors and
+activations in float32 or bf16), and every measurement is interleaved over all of them (medians over
+repetitions); the ratios compare models at the same precision.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import time
 import lotaqaf_kernels as kernels
 import torch
 
+from lotaqaf_cli import precision
 from lotaqaf_cli.core.lora import attach_lora
 from lotaqaf_cli.core.merge import merge_model
 from lotaqaf_cli.core.qlinear import QuantLinear
@@ -112,7 +116,7 @@ def measure(models, prompts, prefill_ids, new_tokens, reps):
 
 
 @torch.no_grad()
-def layer_pass_s(models, reps: int) -> dict[str, float]:
+def layer_pass_s(models, reps: int, dtypes: dict) -> dict[str, float]:
     """Median seconds to run one token through every quantized layer of each model (interleaved):
     the decode-time work of the layers alone, without generate()'s overhead and noise."""
     layers = {name: ([m for m in model.modules() if isinstance(m, QuantLinear)], getattr(model, "mode", None))
@@ -129,7 +133,7 @@ def layer_pass_s(models, reps: int) -> dict[str, float]:
             kernels.set_mode(mode or before)
             t0 = time.perf_counter()
             for m in ls:
-                m(xs[m.in_features])
+                m(xs[m.in_features].to(dtypes[name]))
             times[name].append(time.perf_counter() - t0)
             kernels.set_mode(before)
     return {name: statistics.median(t) for name, t in times.items()}
@@ -141,9 +145,15 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--bits", type=int, default=4, choices=(2, 3, 4))
+    ap.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     args = ap.parse_args()
     torch.set_num_threads(2)
-    models, _tok = build(args)
+    built, _tok = build(args)
+    models, dtypes = {}, {}
+    for p in args.precision:
+        dt = precision.DTYPES[p]
+        for name, m in built.items():
+            models[f"{name}@{p}"], dtypes[f"{name}@{p}"] = precision.cast_copy(m, dt), dt
     g = torch.Generator().manual_seed(1)
     prompts = {b: torch.randint(100, 40000, (b, args.prompt_len), generator=g) for b in (1, 8)}
     for m in models.values():  # warm-up
@@ -153,17 +163,21 @@ def main():
     print(f"SmolLM2-135M RTN INT{args.bits} g64, CPU {torch.get_num_threads()} threads, greedy, {args.new_tokens} new tokens, "
           f"prompt {args.prompt_len}, median of {args.reps} interleaved repetitions")
     for name, r in res.items():
-        print(f"  {name:15s} " + "  ".join(f"{k} {v:8.2f}" for k, v in r.items()))
-    a, b, c, d = (res[k] for k in models)
-    lp = layer_pass_s(models, 4 * args.reps)
-    la, lb, lc, ld = (lp[k] for k in models)
-    print(f"  one token through all quantized layers (median of {4 * args.reps} interleaved): "
-          f"a {la * 1e3:.1f} ms, b {lb * 1e3:.1f} ms (base layers only), c {lc * 1e3:.1f} ms, d {ld * 1e3:.1f} ms; "
-          f"c/a speed {la / lc:.3f}, c/d speed {ld / lc:.2f}")
-    for key in a:
-        better = (lambda x, y: x / y) if key.startswith("tok") else (lambda x, y: y / x)  # >1: c is faster
-        print(f"  {key:18s} speed ratio c/b {better(c[key], b[key]):.2f}   c/a {better(c[key], a[key]):.2f}   "
-              f"c/d {better(c[key], d[key]):.2f}")
+        print(f"  {name:20s} " + "  ".join(f"{k} {v:8.2f}" for k, v in r.items()))
+    lp = layer_pass_s(models, 4 * args.reps, dtypes)
+    for p in args.precision:
+        a, b, c, d = (res[f"{k}@{p}"] for k in built)
+        la, lb, lc, ld = (lp[f"{k}@{p}"] for k in built)
+        print(f"{p}: one token through all quantized layers (median of {4 * args.reps} interleaved): "
+              f"a {la * 1e3:.1f} ms, b {lb * 1e3:.1f} ms (base layers only), c {lc * 1e3:.1f} ms, d {ld * 1e3:.1f} ms; "
+              f"c/a speed {la / lc:.3f}, c/d speed {ld / lc:.2f}")
+        for key in a:
+            better = (lambda x, y: x / y) if key.startswith("tok") else (lambda x, y: y / x)  # >1: c is faster
+            print(f"{p}:  {key:18s} speed ratio c/b {better(c[key], b[key]):.2f}   c/a {better(c[key], a[key]):.2f}   "
+                  f"c/d {better(c[key], d[key]):.2f}")
+    if "fp32" in args.precision and "bf16" in args.precision:
+        for k in built:
+            print(f"{k}: bf16/fp32 decode speed at batch 1 {res[f'{k}@bf16']['tok/s b1'] / res[f'{k}@fp32']['tok/s b1']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from report import pyplot, save_figure, write_results  # scripts/ is on sys.path when a script runs
 
-from lotaqaf_cli import ui
+from lotaqaf_cli import precision, ui
 from lotaqaf_cli.chain import run_step
 from lotaqaf_cli.config import compose, validate
 from lotaqaf_cli.core.perplexity import perplexity
@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--root", default="runs", help="runs root (its _cache is shared with `lotaqaf train`)")
     p.add_argument("--out", default="docs/results/smollm2", help="output path without extension")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="the compute precision of every model (precision.py; default auto)")
     p.add_argument("--render", metavar="JSON", help="only rewrite <out>.md and .png from a results JSON of this script")
     return p.parse_args(argv)
 
@@ -74,7 +76,7 @@ def settings_from(args) -> dict:
             "steps": args.steps or (6 if quick else 40),
             "limit": args.limit or 5,
             "subjects": sorted(args.subjects or (QUICK_SUBJECTS if quick else mmlu.SUBJECTS)),
-            "overrides": list(QUICK_OVERRIDES) if quick else [],
+            "overrides": (list(QUICK_OVERRIDES) if quick else []) + [f"precision={args.precision}"],
             "seed": args.seed}
 
 
@@ -127,7 +129,8 @@ def reproduce(args, source=None) -> dict:
             if windows is None:  # the same held-out windows for every model
                 windows, heldout_hash = ses.windows_for("heldout", cfg.ppl)
                 ui.say("[bold]== 16-bit ==[/bold]")
-                rows.append(row("base", 16, score(source.model, source.tokenizer, windows, s)))
+                rows.append(row("base", 16, score(precision.cast_copy(source.model, ses.precision.dtype),
+                                                  source.tokenizer, windows, s)))
             if i == 0:
                 rows.append(row("gptq", bits, score(ses.base, source.tokenizer, windows, s)))
             ui.say(f"[bold]== INT{bits}: {LABELS[method]} ==[/bold]")
@@ -140,6 +143,7 @@ def reproduce(args, source=None) -> dict:
                 run_step(ses, "merge")
                 cert = ses.run.read_record("merge_certificate")
                 merged_model, _, merged_info = ses.run.load_merged()  # the written checkpoint, as a user loads it
+                ses.place(merged_model)
                 merged_scores = score(merged_model, source.tokenizer, windows, s)
                 changed = ses.run.read_record("train")["codes_changed"]["codes"]
                 check = {"method": method, **merged_equals_adapter(bits, adapter_scores, merged_scores, cert)}
@@ -152,7 +156,8 @@ def reproduce(args, source=None) -> dict:
                 del merged_model
     out = {"settings": {**s, "group_size": {b: GROUP_SIZE[b] for b in s["bits"]}, "recipe": RECIPE,
                         "quick": args.quick, "mmlu_source": "offline", "engine": "fast", "num_fewshot": 5,
-                        "ppl_windows": list(windows.shape), "heldout_hash": heldout_hash},
+                        "ppl_windows": list(windows.shape), "heldout_hash": heldout_hash,
+                        "precision": ses.precision.name},
            "command": command_line(args), "rows": rows, "merge_checks": checks, "train_timing": "loop",
            "data_note": mmlu.OFFLINE_NOTE, "seconds": round(time.time() - t_all, 1),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}",
@@ -179,6 +184,8 @@ def command_line(args) -> str:
         v = getattr(args, flag)
         if v:
             parts.append(f"--{flag} " + " ".join(map(str, v if isinstance(v, list) else [v])))
+    if getattr(args, "precision", "auto") != "auto":
+        parts.append(f"--precision {args.precision}")
     return " ".join(parts)
 
 

@@ -111,6 +111,7 @@ class Inputs:
     eval_tokens: int            # eval.batch_size x the longest 5-shot MMLU prompt
     source_held: bool = True    # the chain keeps the 16-bit source loaded (in-memory quantization,
                                 # self-generated text or data)
+    precision: str = "bf16"     # the activations' dtype after quantization (bf16 | fp32: precision.py)
 
 
 @dataclass
@@ -126,7 +127,7 @@ class Stage:
 def plan(shape: Shape, x: Inputs) -> list[Stage]:
     """The peak of each stage of `lotaqaf train` (quantize, train, ppl, merge, eval), in bytes."""
     sb = DTYPE_BYTES[x.source_dtype]
-    act = 2 if x.device == "cuda" else 4          # bf16 autocast on CUDA, float32 on CPU
+    act = 2 if x.precision == "bf16" else 4      # activations of train, ppl, merge and eval
     runtime = RUNTIME[x.device]
     source = shape.params * sb
     base = packed_bytes(shape, x.bits, x.group_size) + shape.rest_params * 4

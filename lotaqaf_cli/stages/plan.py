@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 from rich.table import Table
 
-from .. import memory, ui
+from .. import memory, precision, ui
 from ..core import plan as core
 from ..errors import LotaqafError
 from ..io.models import model_config, streamable, streams
@@ -55,7 +55,16 @@ def inputs(cfg: DictConfig, device_type: str, streamed: bool, max_positions: int
         adapter=cfg.adapter.kind, rank=cfg.adapter.rank, micro_batch=o.batch_size,
         train_len=d.source_len + d.target_len, checkpointing=bool(o.gradient_checkpointing),
         ppl_tokens=cfg.ppl.batch_size * cfg.ppl.seq_len,
-        eval_tokens=cfg.eval.batch_size * min(MMLU_PROMPT_TOKENS, max_positions), source_held=source_held)
+        eval_tokens=cfg.eval.batch_size * min(MMLU_PROMPT_TOKENS, max_positions), source_held=source_held,
+        precision=planned_precision(cfg.precision, device_type))
+
+
+def planned_precision(name: str, device_type: str) -> str:
+    """The precision a run on ``device_type`` computes in: auto is bf16 on CUDA (the plan's GPUs all have
+    it) and, on CPU, what this machine's CPU gives (precision.resolve)."""
+    if name != "auto":
+        return name
+    return "bf16" if device_type == "cuda" else precision.resolve("auto", torch.device("cpu")).name
 
 
 def make(cfg: DictConfig, model_config, config_source: str, stages: list[str], device_type: str,

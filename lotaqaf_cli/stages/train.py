@@ -20,7 +20,6 @@ checkpoint and raises interrupts.Interrupted, so that resume=True continues bit 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -94,7 +93,6 @@ def train(base: torch.nn.Module, examples: list[dict], spec: dict, optim: DictCo
     ui.say(f"training {spec['kind']} on {len(names)} layers, {optim.steps} steps x batch {optim.batch_size}"
            f" x accum {optim.grad_accum}, {len(examples)} examples"
            + (f", {ranks} ranks ({optim.grad_accum // ranks} micro-batches each per step)" if ranks > 1 else ""))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     tb = tensorboard_writer(tensorboard_dir)
     t_start = time.time()
     with ui.progress_bar(f"train ({spec['kind']})", optim.steps, unit="steps") as adv, \
@@ -108,8 +106,7 @@ def train(base: torch.nn.Module, examples: list[dict], spec: dict, optim: DictCo
                 if i % ranks != rank:  # micro-batch i of the step is rank (i mod ranks)'s
                     continue
                 b = {k: v.to(device) for k, v in b.items()}
-                with autocast:
-                    loss = model(**b).loss
+                loss = model(**b).loss  # in the base's precision (precision.py; the session cast it)
                 (loss / optim.grad_accum).backward()
                 loss_sum += loss.item() / optim.grad_accum
                 n_tok += int(b["attention_mask"].sum())

@@ -152,21 +152,27 @@ def child_decode(args) -> None:
     prompt = json.loads(Path(args.calib).read_text())
     times = []
     if args.engine == "llama_cpp":
+        import itertools
+
         import llama_cpp
-        import numpy as np
+        import llama_cpp.llama_cpp as llama_c
 
+        # No extra buffer types (weight repacking): llama.cpp's AMX path for them segfaults on this machine's
+        # CPUs (gdb: ggml_backend_amx_mul_mat, 2026-12-05); its plain AVX-512 path runs instead.
+        defaults = llama_c.llama_model_default_params
+
+        def model_params():
+            p = defaults()
+            p.use_extra_bufts = False
+            return p
+
+        llama_c.llama_model_default_params = model_params
         llm = llama_cpp.Llama(model_path=str(Path(args.source) / "model.gguf"), n_ctx=len(prompt) + args.new_tokens + 8,
-                              n_batch=len(prompt), n_threads=2, verbose=False, seed=0)
-        engine = f"llama-cpp-python {llama_cpp.__version__} (2 threads)"
+                              n_threads=2, verbose=False, seed=0)
+        engine = f"llama-cpp-python {llama_cpp.__version__} (2 threads, extra buffer types off)"
 
-        def generate():
-            llm.reset()
-            llm.eval(prompt)
-            out = []
-            for _ in range(args.new_tokens):
-                out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-                llm.eval([out[-1]])
-            return out
+        def generate():  # llama.cpp's own generation loop, greedy (top_k 1)
+            return list(itertools.islice(llm.generate(prompt, top_k=1, temp=0.0, reset=True), args.new_tokens))
     else:
         import gptqmodel
         import peft
@@ -289,6 +295,8 @@ def make_run(tmp: Path) -> Path:
     from lotaqaf_cli.cli import main as lotaqaf
 
     run = tmp / "runs" / "peers"
+    if (run / "export-gguf").is_dir():
+        return run
     argv = ["train", "recipe=smollm2_mmlu", "quant.method=rtn", "optim.steps=2", "stages=[quantize,train,merge]",
             f"run.root={tmp / 'runs'}", f"run.dir={run}", "precision=bf16"]
     for a in (argv, ["export", "--format", "gptq", f"run.dir={run}", "export.check=false"],
@@ -298,12 +306,15 @@ def make_run(tmp: Path) -> Path:
     return run
 
 
-def shipped_windows(role: str, n: int, seq_len: int):
+def shipped_windows(role: str):
+    """The default recipe's shipped calibration ("calib") or held-out ("heldout") token windows."""
+    from lotaqaf_cli.config import compose
     from lotaqaf_cli.data import shipped
     from lotaqaf_cli.io.models import load_model
 
+    sec = compose(["recipe=smollm2_mmlu"])["calib" if role == "calib" else "ppl"]
     src = load_model(MODEL, "float32", weights=False)
-    return shipped.windows(MODEL, role, src.source_hash, n, seq_len, 0 if role == "calib" else 4321)
+    return shipped.windows(MODEL, role, src.source_hash, sec.n_samples, sec.seq_len, sec.seed)
 
 
 def part_train(args, tmp: Path, run: Path) -> dict:
@@ -314,7 +325,7 @@ def part_train(args, tmp: Path, run: Path) -> dict:
     from lotaqaf_cli.io.checkpoint import load_quantized
 
     base_dir = json.loads((run / "quantize.json").read_text())["checkpoint"]
-    ids = shipped_windows("calib", 32, 256)[:4]
+    ids = shipped_windows("calib")[:4]
     (tmp / "batch.json").write_text(json.dumps(ids.tolist()))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     base, _tok, _info = load_quantized(base_dir)
@@ -343,7 +354,7 @@ def part_decode(args, tmp: Path, run: Path) -> dict:
     from lotaqaf_cli import precision
     from lotaqaf_cli.io.checkpoint import load_quantized
 
-    prompt = shipped_windows("heldout", 16, 256)[0, :64]
+    prompt = shipped_windows("heldout")[0, :64]
     (tmp / "prompt.json").write_text(json.dumps(prompt.tolist()))
     held = {"model": precision.cast_(load_quantized(run / "merged")[0], torch.bfloat16).eval()}
     ids = prompt[None]
@@ -386,6 +397,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=64, help="decode: greedy tokens")
     p.add_argument("--reps", type=int, default=3, help="decode: repetitions")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--workdir", default=None, help="keep the checkpoints, run and exports here (reused when there)")
     for mode in PARTS:
         p.add_argument(f"--child-{mode}", action="store_true", help=argparse.SUPPRESS)
     for a in ("--source", "--calib", "--out", "--engine"):
@@ -408,7 +420,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     out = {}
     with tempfile.TemporaryDirectory(prefix="bench_peers_") as tmp:
-        tmp = Path(tmp)
+        tmp = Path(args.workdir or tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
         if "quant" in args.part:
             out["quant"] = part_quant(args, tmp)
         if "train" in args.part or "decode" in args.part:

@@ -180,3 +180,16 @@ def test_top_threshold_equals_sorted_reference_with_ties():
             k = min(n, max(1, math.ceil(frac * n - 1e-6)))
             want = float("-inf") if k >= n else ordered[n - k - 1]
             assert float(top_threshold(x, frac)) == want
+
+
+def test_batched_thresholds_equal_one_by_one():
+    """top_thresholds (one top-k over the stacked rows of same-size tensors) gives each tensor's own
+    top_threshold, ties and both selection paths included, whatever the mix of sizes."""
+    from lotaqaf_cli.core.tsignsgd import top_threshold, top_thresholds
+
+    g = torch.Generator().manual_seed(3)
+    arrays = [torch.randn(s, generator=g).abs() for s in [(40, 8), (8, 40), (40, 8), (13,), (40, 8), (8, 40)]]
+    arrays += [torch.randint(0, 4, (40, 8), generator=g).float() for _ in range(3)]  # heavy ties
+    for frac in (0.001, 0.01, 0.05, 0.3, 1.0):
+        got = top_thresholds(arrays, frac)
+        assert [float(v) for v in got] == [float(top_threshold(a, frac)) for a in arrays]

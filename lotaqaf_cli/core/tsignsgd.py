@@ -82,6 +82,25 @@ def top_threshold(a: torch.Tensor, fraction: float) -> torch.Tensor:
     return flat.kthvalue(n - k).values
 
 
+def top_thresholds(arrays: list[torch.Tensor], fraction: float) -> list[torch.Tensor]:
+    """:func:`top_threshold` of each of ``arrays``; arrays of one size (on one device) on the small top-k
+    path share one batched top-k over their stacked rows (the same values: each row's own k + 1 largest)."""
+    out: list[torch.Tensor | None] = [None] * len(arrays)
+    by_size: dict = {}
+    for i, a in enumerate(arrays):
+        by_size.setdefault((a.numel(), a.device), []).append(i)
+    for (n, _dev), idx in by_size.items():
+        k = min(n, max(1, math.ceil(fraction * n - 1e-6)))
+        if len(idx) > 1 and k < n and 8 * (k + 1) <= n:
+            rows = torch.stack([arrays[i].reshape(-1).float() for i in idx])
+            for i, v in zip(idx, rows.topk(k + 1, dim=1, sorted=False).values.amin(dim=1), strict=True):
+                out[i] = v
+        else:
+            for i in idx:
+                out[i] = top_threshold(arrays[i], fraction)
+    return out
+
+
 def _floats(ts: list[torch.Tensor]) -> list[float]:
     """0-d tensors (possibly on several devices) -> floats, with one transfer per device."""
     dev = ts[0].device
@@ -134,23 +153,28 @@ class TSignSGD(Optimizer):
             if gi == 0:
                 stats.update(keep_fraction=frac, guard=guard)
             pnames = group.get("param_names")
-            for pi, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("TSignSGD does not support sparse gradients")
-                a = p.grad.abs().float()
-                sigma = top_threshold(a, frac)
-                select = a > sigma.clamp(min=group["tau"])
-                if guard:
-                    select &= a <= top_threshold(a, 1.0 - group["guard_quantile"])
-                step = torch.sign(p.grad).to(p.dtype) * select
-                new = (p - step).clamp_(-1, 1).round_()
-                moved.append((new != p).sum())
-                p.copy_(new)
+            live = [(pi, p) for pi, p in enumerate(group["params"]) if p.grad is not None]
+            if any(p.grad.is_sparse for _, p in live):
+                raise RuntimeError("TSignSGD does not support sparse gradients")
+            buckets: dict = {}  # tensors of one size share one batched top-k (top_thresholds)
+            for pi, p in live:
+                buckets.setdefault((p.numel(), p.device), []).append((pi, p))
+            done = {}
+            for bucket in buckets.values():
+                grads = [p.grad.abs().float() for _, p in bucket]
+                for (pi, p), a, sigma in zip(bucket, grads, top_thresholds(grads, frac), strict=True):
+                    select = a > sigma.clamp(min=group["tau"])
+                    if guard:
+                        select &= a <= top_threshold(a, 1.0 - group["guard_quantile"])
+                    step = torch.sign(p.grad).to(p.dtype) * select
+                    new = (p - step).clamp_(-1, 1).round_()
+                    done[pi] = (sigma, (new != p).sum(), p.numel())
+                    p.copy_(new)
+            for pi, _p in live:  # the statistics in parameter order
                 names.append(pnames[pi] if pnames else f"g{gi}.p{pi}")
-                sigmas.append(sigma)
-                sizes.append(p.numel())
+                sigmas.append(done[pi][0])
+                moved.append(done[pi][1])
+                sizes.append(done[pi][2])
             group["step"] = t + 1
         stats["grad_norm"] = norm_value
         if names:

@@ -52,6 +52,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchutil import reset_host_peak, status_kb  # scripts/ is on sys.path when a script runs
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_GPTQMODEL_PYTHON = os.environ.get("LOTAQAF_GPTQMODEL_PYTHON", "/work/gptq-venv/bin/python")
 MODEL = "embedded:smollm2"
@@ -82,32 +84,26 @@ def child_gptqmodel(args) -> None:
     print("RESULT " + json.dumps({"seconds": seconds, "settings": settings}), flush=True)
 
 
-def _vm_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
+def serving_child():
+    """lotaqaf_cli/serving/child.py, the engine runner (a standalone file: the side venv has no lotaqaf)."""
+    import importlib.util
 
-
-def _reset_peak() -> int:
-    """VmHWM reset to the current resident set; returns that resident set (kB)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    return _vm_kb("VmRSS")
+    spec = importlib.util.spec_from_file_location("serving_child", REPO / "lotaqaf_cli" / "serving" / "child.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def timed_steps(step, batch, steps: int, warmup: int) -> dict:
     """Per timed step: seconds, and the peak above the memory before it (MB)."""
     times, peak = [], 0.0
     for k in range(warmup + steps):
-        rss0 = _reset_peak()
+        rss0 = reset_host_peak()
         t0 = time.perf_counter()
         step(batch)
         if k >= warmup:
             times.append(time.perf_counter() - t0)
-            peak = max(peak, (_vm_kb("VmHWM") - rss0) / 1024)
+            peak = max(peak, (status_kb("VmHWM") - rss0) / 1024)
     return {"times": times, "peak_mb": peak}
 
 
@@ -155,18 +151,8 @@ def child_decode(args) -> None:
         import itertools
 
         import llama_cpp
-        import llama_cpp.llama_cpp as llama_c
 
-        # No extra buffer types (weight repacking): llama.cpp's AMX path for them segfaults on this machine's
-        # CPUs (gdb: ggml_backend_amx_mul_mat, 2026-12-05); its plain AVX-512 path runs instead.
-        defaults = llama_c.llama_model_default_params
-
-        def model_params():
-            p = defaults()
-            p.use_extra_bufts = False
-            return p
-
-        llama_c.llama_model_default_params = model_params
+        serving_child().llama_cpp_without_extra_buffers()  # as the export check runs it (AMX segfaults here)
         llm = llama_cpp.Llama(model_path=str(Path(args.source) / "model.gguf"), n_ctx=len(prompt) + args.new_tokens + 8,
                               n_threads=2, verbose=False, seed=0)
         engine = f"llama-cpp-python {llama_cpp.__version__} (2 threads, extra buffer types off)"

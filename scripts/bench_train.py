@@ -24,11 +24,10 @@ import copy
 import statistics
 import time
 from collections import Counter
-from pathlib import Path
 
 import lotaqaf_kernels as kernels
 import torch
-from benchutil import median_time  # scripts/ is on sys.path when a script runs
+from benchutil import median_time, reset_host_peak, status_kb  # scripts/ is on sys.path when a script runs
 
 from lotaqaf_cli import precision
 from lotaqaf_cli.core.lora import attach_lora
@@ -41,26 +40,16 @@ from lotaqaf_cli.io.models import load_model
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def reset_peak() -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    except OSError:
-        pass
+    reset_host_peak()
 
 
 def peak_mb(rss_before_kb: int) -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return (_status_kb("VmHWM") - rss_before_kb) / 1024
+    return (status_kb("VmHWM") - rss_before_kb) / 1024
 
 
 def make_step(base, method: str, total_steps: int):
@@ -100,7 +89,7 @@ def bench(bases: dict, batch: dict, steps: int, warmup: int) -> dict:
     for k in range(warmup + steps):
         order = methods[k % len(methods):] + methods[:k % len(methods)]
         for m in order:
-            rss0 = _status_kb("VmRSS")
+            rss0 = status_kb("VmRSS")
             reset_peak()
             t0 = time.perf_counter()
             runs[m][0](batch)

@@ -75,16 +75,12 @@ def hf_forward(model):
     return forward
 
 
-def run_llama_cpp(path: Path, prompts, continuations, texts=None):
-    import numpy as np
+def llama_cpp_without_extra_buffers() -> None:
+    """Models loaded after this call get no extra buffer types (weight repacking): llama.cpp's AMX path for
+    them segfaults on CPUs with AMX in some environments (gdb: ggml_backend_amx_mul_mat, 2026-12-05); its
+    plain SIMD path runs instead."""
+    import llama_cpp.llama_cpp as llama_c
 
-    try:
-        import llama_cpp
-        import llama_cpp.llama_cpp as llama_c
-    except ImportError:
-        raise EngineMissing("llama-cpp-python is not installed (make check-serving builds it)") from None
-    # No extra buffer types (weight repacking): llama.cpp's AMX path for them segfaults on CPUs with AMX
-    # in some environments (gdb: ggml_backend_amx_mul_mat, 2026-12-05); its plain SIMD path runs instead.
     defaults = llama_c.llama_model_default_params
 
     def model_params():
@@ -93,6 +89,16 @@ def run_llama_cpp(path: Path, prompts, continuations, texts=None):
         return p
 
     llama_c.llama_model_default_params = model_params
+
+
+def run_llama_cpp(path: Path, prompts, continuations, texts=None):
+    import numpy as np
+
+    try:
+        import llama_cpp
+    except ImportError:
+        raise EngineMissing("llama-cpp-python is not installed (make check-serving builds it)") from None
+    llama_cpp_without_extra_buffers()
     n_ctx = max(len(p) + len(c) for p, c in zip(prompts, continuations, strict=True)) + 8
     llm = llama_cpp.Llama(model_path=str(path / "model.gguf"), n_ctx=n_ctx, n_batch=n_ctx, n_threads=os.cpu_count() or 1,
                           logits_all=True, verbose=False, seed=0)

@@ -6,6 +6,7 @@
                                        with native bf16 instructions, float32 otherwise
     native_bf16_cpu()               the CPU flag that gives native bf16 (avx512_bf16, amx_bf16, arm's bf16) or None
     cast_(model, dtype)             in place: the model's floating parameters outside the adapters
+    needs_cast(model, dtype)        whether cast_ would change anything
     cast_copy(model, dtype)         the model itself when it is already in dtype, else a cast copy
     dtype_name(model)               what a model computes in (its embeddings' dtype), e.g. "bfloat16"
 
@@ -25,6 +26,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .core.lora import LoRALinear
+from .core.ternary import TernaryLinear
 
 PRECISIONS = ("auto", "bf16", "fp32")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -69,9 +73,6 @@ def resolve(name: str, device: torch.device) -> Precision:
 
 
 def _adapter_parameter_ids(model: nn.Module) -> set[int]:
-    from .core.lora import LoRALinear
-    from .core.ternary import TernaryLinear
-
     return {id(p) for m in model.modules() if isinstance(m, (LoRALinear, TernaryLinear))
             for p in m.parameters(recurse=False)}
 

@@ -21,11 +21,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import __version__, dist, memory, precision, ui
+from .core.quantize_model import decoder_layers
 from .data import sft
 from .errors import LotaqafError
 from .interrupts import Interrupted
-from .io.adapter import adapter_spec, load_adapter, save_adapter
-from .io.checkpoint import is_checkpoint, load_quantized, save_quantized, sharded_checkpoint
+from .io.adapter import adapter_spec, load_adapter, save_adapter, without_adapters
+from .io.checkpoint import ShardedWriter, is_checkpoint, save_quantized, sharded_checkpoint
 from .io.files import atomic_dir, file_sha256
 from .io.models import check_arch, layer_shapes, model_dir, streamable, streams
 from .io.rundir import Cache, RunDir, versions
@@ -85,7 +86,8 @@ def step_quantize(s: Session) -> None:
                 s.base, _tok, s.base_info = s.cache.load_quantized(key)
             s.place(s.base)
     else:
-        s.base, stats = quantize.quantize(src.model, calib, q, pick_device(cfg), split=_linear_split())
+        s.base, stats = quantize.quantize(src.model, calib, q, pick_device(cfg), split=_linear_split(),
+                                          activations_on_host=plan.activations_on_host(cfg, pick_device(cfg)))
         s.timings["quantize_s"] = round(time.time() - t0, 1)
         with ui.status("writing the quantized checkpoint ..."):
             chash = dist.from_main(lambda: save_quantized(s.base, src.tokenizer, out_dir, settings, provenance))
@@ -117,7 +119,8 @@ def _quantize_streamed(s: Session, calib: torch.Tensor, out_dir: Path, provenanc
 
     with sharded_checkpoint(out_dir, source.num_layers) if dist.main() else contextlib.nullcontext() as writer:
         stats = quantize.quantize_streamed(skeleton, lambda i: source.layer(i, skeleton, dtype, device), emit,
-                                           calib, cfg.quant, device, split=_linear_split())
+                                           calib, cfg.quant, device, split=_linear_split(),
+                                           activations_on_host=plan.activations_on_host(cfg, device))
         chash = writer.finish(skeleton, s.tokenizer, quantize.settings(cfg.quant), provenance) if dist.main() else None
     return stats, dist.broadcast(chash)
 
@@ -150,6 +153,7 @@ def step_train(s: Session) -> None:
     s.adapted, summary = train.train(s.base, examples, spec, cfg.optim, cfg.seed, s.run, data_seed=cfg.data.seed,
                                      resume=cfg.resume, pad_id=sft.pad_token_id(tok) if tok is not None else 0,
                                      tensorboard_dir=s.run.tensorboard_dir if dist.main() else None)
+    s.base = None  # the adapters were attached to it in place: the GPTQ row is scored without them (step_ppl)
     s.timings["train_s"] = summary.pop("train_s")
     s.adapter_header = {**spec, "base_hash": s.base_info["content_hash"], "steps": cfg.optim.steps, "seed": cfg.seed}
     if dist.main():
@@ -169,11 +173,15 @@ def step_ppl(s: Session) -> None:
     if src.model is None:
         ui.say("16-bit perplexity: skipped (the source was streamed, not loaded; "
                "`lotaqaf eval --tasks ppl --model 16bit` loads it whole)")
+    gptq = f"GPTQ INT{cfg.quant.bits} g{cfg.quant.group_size}"
     if s.base is not None:
-        models[f"GPTQ INT{cfg.quant.bits} g{cfg.quant.group_size}"] = s.base
-    if s.adapted is not None:
-        models[f"GPTQ + {cfg.adapter.kind} (adapter)"] = s.adapted
-    results = evaluate.perplexities(models, windows, cfg.ppl.batch_size)
+        models[gptq] = s.base
+    results = {}
+    if s.adapted is not None:  # the adapters wrap the base's layers: the base is the same model without them
+        with without_adapters(s.adapted) as base:
+            results = evaluate.perplexities({**models, gptq: base}, windows, cfg.ppl.batch_size)
+        models = {f"GPTQ + {cfg.adapter.kind} (adapter)": s.adapted}
+    results.update(evaluate.perplexities(models, windows, cfg.ppl.batch_size))
     s.run.write_record("ppl", {"heldout_hash": digest, "n_samples": windows.shape[0], "seq_len": windows.shape[1],
                                "source": cfg.ppl.source, "results": results})
     evaluate.show_perplexities(results, windows, cfg.ppl.source)
@@ -197,27 +205,39 @@ def step_merge(s: Session) -> None:
                 s.adapted, s.tokenizer, s.adapter_header, s.base_info = run.load_adapted()
             s.place(s.adapted)
     kind = s.adapter_header["kind"]
-    s.base = None  # from here on the chain needs the adapted and merged models only (memory: core/plan.py)
+    s.base = None  # the adapted model wraps the base's layers; the merge replaces them in place (core/plan.py)
     memory.trim_heap()
     t0 = time.time()
-    s.merged, layers, cert = merge.merge(s.adapted, kind, s.heldout())
-    cert.update(base_hash=s.base_info["content_hash"], adapter_sha256="sha256:" + file_sha256(run.adapter_file))
+    settings = s.base_info["settings"]
+    adapter_sha = "sha256:" + file_sha256(run.adapter_file)
     prov = {**s.base_info.get("provenance", {}), "merged_from": {"base": s.base_info["content_hash"],
-                                                                "adapter": cert["adapter_sha256"], "kind": kind}}
+                                                                "adapter": adapter_sha, "kind": kind}}
+    model = s.adapted
+    n_layers = len(decoder_layers(model))
     with atomic_dir(run.merged_dir) as tmp:
-        with ui.status("writing the merged checkpoint ..."):
-            save_quantized(s.merged, s.tokenizer, tmp, s.base_info["settings"], prov, merged=layers or None)
-        if s.cfg.merge.verify:  # the written checkpoint replaces the in-memory merged model once it is checked
-            s.merged = None
-            memory.trim_heap()
-            reloaded, _, rinfo = load_quantized(tmp)
-            merge.check_reloaded(s.place(reloaded), s.adapted, kind, cert)
-            cert["merged_hash"] = rinfo["content_hash"]
-            s.merged = reloaded
+        writer = ShardedWriter(tmp, n_layers)
+
+        def read_layer(i: int) -> dict:
+            return writer.read_layer(i, settings["bits"], settings["group_size"])
+
+        with ui.progress_bar(f"merge ({kind})", n_layers, unit="layers") as adv:
+            def write_layer(i: int, layer: torch.nn.Module, merged: dict) -> None:
+                writer.add_layer(i, layer, merged)
+                adv(1)
+
+            layers, cert = merge.merge(model, kind, s.heldout(), write_layer=write_layer,
+                                       read_layer=read_layer if s.cfg.merge.verify else None)
+        with ui.status("writing the embeddings, the head and the configs ..."):
+            cert["merged_hash"] = writer.finish(model, s.tokenizer, settings, prov)
+    cert.update(base_hash=s.base_info["content_hash"], adapter_sha256=adapter_sha)
+    if kind == "lota":  # the model in memory is the merged one now (the adapter file holds the adapters)
+        s.merged, s.adapted = model, None
     cert["seconds"] = round(time.time() - t0, 1)
     path = run.write_record("merge_certificate", cert)
-    ui.say(f"merged {kind} adapter into {run.merged_dir}: max |logit diff| = {cert['max_abs_logit_diff']:g}"
-           + (f" (from disk: {cert['max_abs_logit_diff_from_disk']:g})" if s.cfg.merge.verify else "")
+    ui.say(f"merged {kind} adapter into {run.merged_dir}, layer by layer: max |layer output diff| = "
+           f"{cert['max_abs_layer_diff']:g}"
+           + (f" (from disk: {cert['max_abs_layer_diff_from_disk']:g})" if s.cfg.merge.verify else "")
+           + f", max |logit diff| = {cert['max_abs_logit_diff']:g}"
            + (f", {cert['codes']['changed_frac']:.3g} of codes changed" if layers else ""))
     if "perplexity" in cert:
         p = cert["perplexity"]

@@ -197,6 +197,7 @@ def schema() -> dict[str, Rule]:
         "quant.true_sequential": BOOL, "quant.damp_percent": Float(0, 1), "quant.block_size": Int(1),
         "quant.mse": Choice("auto", alt=Float(0)),
         "quant.batch_size": Int(1), "quant.stream": Choice("auto", alt=BOOL),
+        "quant.activations": Choice("auto", "device", "host"),
         "plan.device_gb": Float(0, low_open=True, nullable=True), "plan.check": BOOL,
         **{f"calib.{k}": r for k, r in text.items()},
         **{f"ppl.{k}": r for k, r in text.items()}, "ppl.batch_size": Int(1),

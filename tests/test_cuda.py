@@ -73,7 +73,7 @@ def test_chain_certificate_and_resume_on_cuda(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     cert = json.loads((tmp_path / "runs/full/merge_certificate.json").read_text())
-    assert cert["max_abs_logit_diff"] == 0.0 and cert["max_abs_logit_diff_from_disk"] == 0.0
+    assert cert["max_abs_logit_diff"] == 0.0 and cert["max_abs_layer_diff_from_disk"] == 0.0
     assert cert["probe"]["device"] == "cuda" and cert["probe"]["kernels"] == "triton"
 
     proc = subprocess.Popen(_train("runs/termed", "stages=[quantize,train]"), env=env, cwd=tmp_path,

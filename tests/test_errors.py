@@ -55,6 +55,7 @@ CASES = [
     ("bad device", ["train", "recipe=smoke", "device=gpu"], "expected one of auto, cpu, cuda"),
     ("bad kernels", ["train", "recipe=smoke", "kernels=cuda"], "kernels='cuda' is not allowed: expected one of auto, triton, torch"),
     ("bad precision", ["train", "recipe=smoke", "precision=fp16"], "precision='fp16' is not allowed: expected one of auto, bf16, fp32"),
+    ("bad calibration activations", ["quantize", "recipe=smoke", "quant.activations=gpu"], "quant.activations='gpu' is not allowed: expected one of auto, device, host"),
     ("omega >= rank", ["train", "recipe=smoke", "adapter.omega=8"], "omega must lie in (0, rank)"),
     ("omega 0", ["train", "recipe=smoke", "adapter.omega=0"], "adapter.omega=0 is not allowed: expected a number > 0"),
     ("rank 0", ["train", "recipe=smoke", "adapter.rank=0"], "adapter.rank=0 is not allowed"),

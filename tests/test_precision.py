@@ -138,6 +138,6 @@ def test_smoke_chain_at_bf16(in_tmp):
     run = in_tmp / "runs/smoke/bf16"
     cert = json.loads((run / "merge_certificate.json").read_text())
     assert cert["probe"]["dtype"] == "bfloat16"
-    assert cert["max_abs_logit_diff"] == 0.0 and cert["max_abs_logit_diff_from_disk"] == 0.0
+    assert cert["max_abs_logit_diff"] == 0.0 and cert["max_abs_layer_diff_from_disk"] == 0.0
     assert json.loads((run / "train.json").read_text())["precision"] == "bf16"
     assert "precision bf16: precision=bf16" in (run / "run.log").read_text()

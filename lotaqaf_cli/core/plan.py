@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .loss import chunk_tokens
+
 GB = 1e9
 # Single GPUs, smallest first (memory in GB as sold): what "the smallest GPU that runs it" picks from.
 GPUS = (("24 GB (RTX 4090, L4)", 24), ("40 GB (A100-40GB)", 40), ("48 GB (L40S, RTX 6000 Ada)", 48),
@@ -34,6 +36,7 @@ GPUS = (("24 GB (RTX 4090, L4)", 24), ("40 GB (A100-40GB)", 40), ("48 GB (L40S, 
         ("192 GB (B200, MI300X)", 192))
 RUNTIME = {"cpu": 0.55 * GB, "cuda": 0.8 * GB}   # see the module docstring; CPU measured, CUDA typical
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+PROBE_TOKENS = 4 * 64   # the merge certificate's probe batch (core/merge.py PROBE_SHAPE)
 
 
 @dataclass(frozen=True)
@@ -112,16 +115,23 @@ class Inputs:
     source_held: bool = True    # the chain keeps the 16-bit source loaded (in-memory quantization,
                                 # self-generated text or data)
     precision: str = "bf16"     # the activations' dtype after quantization (bf16 | fp32: precision.py)
+    activations_on_host: bool = False  # calibration activations in host memory (quant.activations)
 
 
 @dataclass
 class Stage:
     name: str
-    parts: dict[str, float] = field(default_factory=dict)   # term -> bytes
+    parts: dict[str, float] = field(default_factory=dict)   # term -> bytes on the device
+    host: dict[str, float] = field(default_factory=dict)    # term -> bytes in host memory only (CUDA runs)
 
     @property
     def total(self) -> float:
+        """Bytes on the device (on a CPU run: the process's, host terms included)."""
         return sum(self.parts.values())
+
+    @property
+    def host_total(self) -> float:
+        return sum(self.host.values())
 
 
 def plan(shape: Shape, x: Inputs) -> list[Stage]:
@@ -130,49 +140,71 @@ def plan(shape: Shape, x: Inputs) -> list[Stage]:
     act = 2 if x.precision == "bf16" else 4      # activations of train, ppl, merge and eval
     runtime = RUNTIME[x.device]
     source = shape.params * sb
-    base = packed_bytes(shape, x.bits, x.group_size) + shape.rest_params * 4
+    # one packed base: the adapted model wraps its layers by reference, and the merge replaces them in place;
+    # embeddings, norms and lm_head in the run's precision (Session.place)
+    base = packed_bytes(shape, x.bits, x.group_size) + shape.rest_params * act
     held_source = source if x.source_held else 0.0
     d_in_max = max(a for a, _ in shape.linears())
     big = max(a * b for a, b in shape.linears())
-    logits = shape.vocab * 4
+    layer_weights = sum(a * b for a, b in shape.linears())
+    cpu = x.device == "cpu"
 
-    q = Stage("quantize", {"runtime": runtime})
+    def stage(name: str, device: dict, host: dict | None = None) -> Stage:
+        """On a CPU run the device is the host: host-only terms count in the one total."""
+        host = {k: v for k, v in (host or {}).items() if v}
+        return Stage(name, {**device, **host}, {}) if cpu else Stage(name, device, host)
+
+    calib = {"calibration activations": x.calib_tokens * shape.hidden * sb}
+    q_dev = {"runtime": runtime}
     if x.streamed:
-        q.parts["source: embeddings + one layer"] = shape.rest_params * sb + shape.layer_params * sb
-    else:
-        q.parts["source + its quantized copy"] = 2 * source
-    q.parts["calibration activations"] = x.calib_tokens * shape.hidden * sb
-    q.parts["layer forward (one batch)"] = x.calib_batch_tokens * (shape.act_elems() * sb + d_in_max * 4)
-    q.parts["Hessians (one layer)"] = sum(a * a * 4 for a, _ in shape.linears())
-    q.parts["GPTQ working copies"] = 3 * d_in_max * d_in_max * 4 + 6 * big * 4
+        q_dev["source: embeddings + one layer"] = shape.rest_params * sb + shape.layer_params * sb
+    else:  # the source stays 16-bit (the 16-bit perplexity row, self-generated data) beside its quantized copy
+        q_dev["source + its quantized copy"] = 2 * source
+    q_dev.update({} if x.activations_on_host else calib)
+    q_dev["layer forward (one batch)"] = x.calib_batch_tokens * (shape.act_elems() * sb + d_in_max * 4)
+    q_dev["Hessians (one layer)"] = sum(a * a * 4 for a, _ in shape.linears())
+    q_dev["GPTQ working copies"] = 3 * d_in_max * d_in_max * 4 + 6 * big * 4
+    q = stage("quantize", q_dev, calib if x.activations_on_host else {})
 
     adapter_params = sum(x.rank * (a + b) for a, b in shape.linears()) * shape.layers
     # LoTA: A_T, B_T and their gradients (float32); t-SignSGD keeps no moments. LoRA: + AdamW's two.
     adapter = adapter_params * 4 * (2 if x.adapter == "lota" else 4)
     tokens = x.micro_batch * x.train_len
-    t = Stage("train", {"runtime": runtime, "source (held)": held_source, "base + its trainable copy": 2 * base,
-                        "adapter, gradients, optimizer": adapter})
+    t = {"runtime": runtime, "source (held)": held_source, "base (one packed copy)": base,
+         "adapter, gradients, optimizer": adapter}
     # Attention runs torch's flash kernels (CPU and CUDA, padding masks included): nothing of size len^2.
+    # Each linear's 16-bit dequantized weight is saved for backward (LoRA's base, LoTA's W_eff at 16 bits):
+    # every layer's, or with checkpointing the recomputed layer's.
+    saved_w = layer_weights * act if (x.adapter != "lota" or act == 2) else 0
     if x.checkpointing:
-        t.parts["activations (checkpointed)"] = tokens * (shape.hidden * act * shape.layers + shape.act_elems() * act)
+        t["activations (checkpointed)"] = tokens * (shape.hidden * act * shape.layers + shape.act_elems() * act)
+        t["dequantized weights saved for backward"] = saved_w
     else:
-        t.parts["activations"] = tokens * shape.act_elems() * act * shape.layers
-    t.parts["logits, log-softmax and their gradients"] = 4 * tokens * logits
+        t["activations"] = tokens * shape.act_elems() * act * shape.layers
+        t["dequantized weights saved for backward"] = saved_w * shape.layers
+    # chunked loss (core/loss.py): one chunk's float32 logits, their softmax and gradient, and the chunk's
+    # 16-bit logits; plus the final hidden states and their gradient
+    t["loss (one chunk of logits)"] = min(tokens, chunk_tokens(shape.vocab)) * shape.vocab * (3 * 4 + act) \
+        + 2 * tokens * shape.hidden * act
     if x.adapter == "lota":
-        t.parts["effective weight (largest layer)"] = 3 * big * 4
+        t["effective weight (largest layer)"] = 3 * big * 4
+    t = stage("train", t)
 
-    forward = x.ppl_tokens * (logits * 2 + shape.act_elems() * act)
-    p = Stage("ppl", {"runtime": runtime, "source (held)": held_source, "base + adapted": 2 * base,
-                      "adapter, gradients, optimizer": adapter, "forward (one batch)": forward})
-    # merge drops the base (the adapted model holds it) and swaps the merged model for the checkpoint
-    # read back once it is verified: two models at a time on the device (the file's bytes are host memory).
-    m = Stage("merge", {"runtime": runtime, "source (held)": held_source, "adapted + merged": 2 * base,
-                        "adapter, gradients, optimizer": adapter, "forward (one batch)": forward})
-    if x.device == "cpu":  # the checkpoint's bytes while safetensors writes them, and the packed markers
-        m.parts["checkpoint being written"] = base + shape.layers * sum(a * b for a, b in shape.linears()) / 4
-    e = Stage("eval", {"runtime": runtime, "source (held)": held_source, "adapted + merged": 2 * base,
-                       "adapter, gradients, optimizer": adapter,
-                       "forward (one batch)": x.eval_tokens * (logits * 2 + shape.act_elems() * act)})
+    adapter_kept = adapter_params * 4       # the trained adapters (gradients and optimizer state are gone)
+    forward = x.ppl_tokens * (shape.vocab * 4 * 2 + shape.act_elems() * act)
+    p = stage("ppl", {"runtime": runtime, "source (held)": held_source, "base (adapters on and off)": base,
+                      "adapters": adapter_kept, "forward (one batch)": forward})
+    # merge (stages/merge.py): in place, decoder layer by decoder layer; the probe's logits and the hidden
+    # states entering every layer; one layer's merge; the shard being written (the embeddings and lm_head
+    # shard is the largest) and the one read back
+    probe = PROBE_TOKENS * (shape.vocab * 4 * 2 + shape.hidden * act * shape.layers)
+    m = stage("merge", {"runtime": runtime, "source (held)": held_source, "model (merged in place)": base,
+                        "adapters": adapter_kept, "forward (one batch)": forward, "probe": probe,
+                        "one layer's merge": 4 * big},
+              {"shard being written": max(shape.rest_params * act, packed_bytes(shape, x.bits, x.group_size)
+                                          / shape.layers + layer_weights / 4)})
+    e = stage("eval", {"runtime": runtime, "source (held)": held_source, "merged model": base,
+                       "forward (one batch)": x.eval_tokens * (shape.vocab * 4 * 2 + shape.act_elems() * act)})
     return [q, t, p, m, e]
 
 

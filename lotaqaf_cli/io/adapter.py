@@ -11,6 +11,7 @@ the quantized base). Loading onto another base is refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from ..core.lora import LoRALinear, attach_lora
+from ..core.qlinear import replace_module
 from ..core.quant import pack_ternary, unpack_ternary
 from ..core.ternary import TernaryLinear, attach_ternary_adapters
 from ..errors import LotaqafError
@@ -59,6 +61,20 @@ def attach_adapter(model: nn.Module, spec: dict, seed: int | None = None) -> lis
 
 def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (TernaryLinear, LoRALinear))}
+
+
+@contextlib.contextmanager
+def without_adapters(model: nn.Module):
+    """``model`` with every adapter layer swapped for the quantized layer it wraps (the base, scored
+    without a copy: the adapters hold their base layers by reference), put back on exit."""
+    layers = adapter_layers(model)
+    for name, m in layers.items():
+        replace_module(model, name, m.base)
+    try:
+        yield model
+    finally:
+        for name, m in layers.items():
+            replace_module(model, name, m)
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:

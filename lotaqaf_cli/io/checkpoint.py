@@ -171,20 +171,28 @@ class ShardedWriter:
     def _shard(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        name = f"model-{k + 1:05d}-of-{self.n_shards:05d}.safetensors"
+        name = self._name(k)
         save_file(tensors, str(self.tmp / name), metadata={"format": "pt"})
         self.weight_map.update(dict.fromkeys(tensors, name))
         self.total_size += sum(t.numel() * t.element_size() for t in tensors.values())
         self.float_zeros |= any(k.endswith(".zero_points") for k in tensors)
 
-    def add_layer(self, i: int, layer: nn.Module) -> None:
-        """Decoder layer ``i``, quantized: written now, as shard i + 1."""
-        self._shard(i, {k: v.cpu() for k, v in _quantized_state(layer, None, f"model.layers.{i}.").items()})
+    def _name(self, k: int) -> str:
+        return f"model-{k + 1:05d}-of-{self.n_shards:05d}.safetensors"
+
+    def add_layer(self, i: int, layer: nn.Module, merged: dict | None = None) -> None:
+        """Decoder layer ``i``, quantized (``merged``: its core.merge.MergedLayer by full name, for a merged
+        LoTA-QAF layer): written now, as shard i + 1."""
+        self._shard(i, {k: v.cpu() for k, v in _quantized_state(layer, merged, f"model.layers.{i}.").items()})
+
+    def read_layer(self, i: int, bits: int, group_size: int) -> dict[str, QuantLinear]:
+        """The QuantLinears of decoder layer ``i`` as its written shard holds them (by full name)."""
+        return quant_linears(read_safetensors(self.tmp / self._name(i)), bits, group_size)[0]
 
     def finish(self, skeleton: nn.Module, tokenizer, settings: dict, provenance: dict) -> str:
         """Everything outside the decoder layers (embeddings, final norm, lm_head), the index and the
         configs; returns the content hash."""
-        rest = {k: v.detach().contiguous().cpu().clone() for k, v in skeleton.state_dict().items()
+        rest = {k: v.detach().contiguous().cpu() for k, v in skeleton.state_dict().items()
                 if not k.startswith("model.layers.")
                 and not (k == "lm_head.weight" and skeleton.config.tie_word_embeddings)}
         self._shard(self.n_shards - 1, rest)
@@ -204,6 +212,28 @@ def sharded_checkpoint(out_dir: str | os.PathLike, num_layers: int):
         yield w
         if w.chash is None:
             raise RuntimeError("sharded_checkpoint: finish() was not called")
+
+
+def quant_linears(state: dict[str, torch.Tensor], bits: int, group_size: int) -> tuple[dict, dict]:
+    """The QuantLinears a checkpoint's tensors hold, by name (their tensors are popped from ``state``), and,
+    for merged LoTA-QAF layers, what unmerge needs (``markers_packed``, ``int_zeros``) by name."""
+    layers, merged = {}, {}
+    for name in [k[: -len(".qweight")] for k in state if k.endswith(".qweight")]:
+        qweight, qzeros = state.pop(f"{name}.qweight"), state.pop(f"{name}.qzeros")
+        scales, g_idx = state.pop(f"{name}.scales").float(), state.pop(f"{name}.g_idx", None)
+        bias = state.pop(f"{name}.bias", None)
+        zero_points = state.pop(f"{name}.zero_points", None)
+        markers = state.pop(f"{name}.markers", None)
+        d_in, d_out = qweight.shape[0] * 32 // bits, qweight.shape[1]
+        if g_idx is None:
+            g_idx = torch.arange(d_in, dtype=torch.int32) // (d_in if group_size <= 0 else group_size)
+        int_zeros = unpack_zeros_v1(qzeros, bits, d_out).float()
+        zeros = int_zeros if zero_points is None else zero_points.float()
+        if markers is not None:  # a merged LoTA-QAF layer: what unmerge needs
+            merged[name] = {"markers_packed": markers, "int_zeros": int_zeros}
+        layers[name] = QuantLinear.from_packed(qweight, d_in, scales, zeros, g_idx, bits, group_size,
+                                               None if bias is None else bias.float())
+    return layers, merged
 
 
 def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
@@ -236,23 +266,10 @@ def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float
     with torch.device("meta"):  # nothing allocated for the 16-bit linears: they become QuantLinears below
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
 
-    names = [k[: -len(".qweight")] for k in state if k.endswith(".qweight")]
-    merged = {}
-    for name in names:
-        qweight, qzeros = state.pop(f"{name}.qweight"), state.pop(f"{name}.qzeros")
-        scales, g_idx = state.pop(f"{name}.scales").float(), state.pop(f"{name}.g_idx", None)
-        bias = state.pop(f"{name}.bias", None)
-        zero_points = state.pop(f"{name}.zero_points", None)
-        markers = state.pop(f"{name}.markers", None)
-        d_in, d_out = qweight.shape[0] * 32 // bits, qweight.shape[1]
-        if g_idx is None:
-            g_idx = torch.arange(d_in, dtype=torch.int32) // (d_in if group_size <= 0 else group_size)
-        int_zeros = unpack_zeros_v1(qzeros, bits, d_out).float()
-        zeros = int_zeros if zero_points is None else zero_points.float()
-        if markers is not None:  # a merged LoTA-QAF layer: what unmerge needs
-            merged[name] = {"markers_packed": markers, "int_zeros": int_zeros}
-        replace_module(model, name, QuantLinear.from_packed(qweight, d_in, scales, zeros, g_idx, bits, group_size,
-                                                         None if bias is None else bias.float()))
+    layers, merged = quant_linears(state, bits, group_size)
+    names = list(layers)
+    for name, layer in layers.items():
+        replace_module(model, name, layer)
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False,
                                                 assign=True)
     quant_buffers = {f"{n}.{b}" for n in names for b in ("qweight", "scales", "zeros", "g_idx", "bias")}

@@ -6,6 +6,9 @@
     quantize_streamed(skeleton, load_layer, emit_layer, windows, quant, device)
                                               -> per-layer stats; one decoder layer resident at a time
 
+Both take ``activations_on_host``: the calibration activations kept in (pinned) host memory and moved
+to the device one batch at a time, for when they do not fit beside the model; the codes are the same.
+
 Takes the recipe's `quant` section. The command layer (chain.py) loads the source, prepares the
 calibration windows, looks up and fills the cache, and writes the record.
 """
@@ -71,27 +74,30 @@ def check_model(model: torch.nn.Module, quant: DictConfig) -> None:
 
 
 def quantize(model: torch.nn.Module, windows: torch.Tensor, quant: DictConfig, device: torch.device,
-             split=None):
+             split=None, activations_on_host: bool = False):
     """A quantized deep copy of ``model`` (the source stays 16-bit) and the per-layer statistics.
-    ``split``: (mine, share) when several processes share the linears (core.quantize_model)."""
+    ``split``: (mine, share) when several processes share the linears (core.quantize_model);
+    ``activations_on_host``: the calibration activations in host memory, not on ``device``."""
     check_model(model, quant)
     q = copy.deepcopy(model)
     mine, share = split or (None, None)
     with ui.progress_bar(_label(quant), len(q.model.layers), unit="layers") as adv:
         stats = qm.quantize_model(q, list(windows.split(quant.batch_size)), device=device,
-                                  progress=lambda *_: adv(1), mine=mine, share=share, **settings(quant))
+                                  progress=lambda *_: adv(1), mine=mine, share=share,
+                                  activations_on_host=activations_on_host, **settings(quant))
     return q, stats
 
 
 def quantize_streamed(skeleton: torch.nn.Module, load_layer, emit_layer, windows: torch.Tensor, quant: DictConfig,
-                      device: torch.device, split=None):
+                      device: torch.device, split=None, activations_on_host: bool = False):
     """The same quantization with one decoder layer in memory at a time: ``load_layer(i)`` reads layer
-    i, ``emit_layer(i, layer)`` writes it quantized (the checkpoint grows shard by shard)."""
+    i, ``emit_layer(i, layer)`` writes it quantized (the checkpoint grows shard by shard);
+    ``split`` and ``activations_on_host`` as for :func:`quantize`."""
     mine, share = split or (None, None)
     with ui.progress_bar(_label(quant) + ", streamed", len(skeleton.model.layers), unit="layers") as adv:
         return qm.quantize_streamed(skeleton, list(windows.split(quant.batch_size)), load_layer, emit_layer,
                                     device=device, progress=lambda *_: adv(1), mine=mine, share=share,
-                                    **settings(quant))
+                                    activations_on_host=activations_on_host, **settings(quant))
 
 
 def summarize(stats) -> dict:

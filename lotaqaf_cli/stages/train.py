@@ -7,7 +7,8 @@
           tensorboard_dir=None)                          -> (adapted model, summary)
     adapter_metrics(model, opt) / code_change_table(model)  what a step's metrics row and the summary hold
 
-``base`` is the quantized model (left untouched: the adapters go on a copy), ``examples`` the
+``base`` is the quantized model: the adapters are attached to it in place, wrapping its quantized layers
+by reference (one copy of the packed base; io.adapter.without_adapters scores the base again), ``examples`` the
 tokenized, prompt-masked training examples, ``spec`` the adapter's layers (io.adapter.adapter_spec
 of the recipe's `adapter` section), ``optim`` the recipe's `optim` section, ``data_seed`` the order of
 the batches (the recipe's data.seed), ``tensorboard_dir`` where TensorBoard's events go (None: none
@@ -20,7 +21,6 @@ checkpoint and raises interrupts.Interrupted, so that resume=True continues bit 
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import signal
@@ -30,6 +30,7 @@ import torch
 from omegaconf import DictConfig
 
 from .. import dist, interrupts, ui
+from ..core.loss import causal_lm_loss
 from ..core.ternary import TernaryLinear
 from ..core.tsignsgd import TSignSGD
 from ..data.sft import SFTBatches
@@ -61,10 +62,10 @@ def _set_rng_state(st: dict) -> None:
 
 def train(base: torch.nn.Module, examples: list[dict], spec: dict, optim: DictConfig, seed: int, store, *,
           data_seed: int, resume: bool = False, pad_id: int = 0, tensorboard_dir=None):
-    """Train the adapters ``spec`` describes on a copy of ``base``. Returns (adapted model in eval mode,
+    """Train the adapters ``spec`` describes, attached to ``base`` in place. Returns (``base`` adapted, in eval mode,
     summary dict: examples, train seconds, and for LoTA-QAF the code-change table)."""
     batches = SFTBatches(examples, optim.batch_size, seed=data_seed, pad_id=pad_id)
-    model = copy.deepcopy(base)
+    model = base
     model.requires_grad_(False)
     names = attach_adapter(model, spec, seed)
     model.train()
@@ -106,7 +107,9 @@ def train(base: torch.nn.Module, examples: list[dict], spec: dict, optim: DictCo
                 if i % ranks != rank:  # micro-batch i of the step is rank (i mod ranks)'s
                     continue
                 b = {k: v.to(device) for k, v in b.items()}
-                loss = model(**b).loss  # in the base's precision (precision.py; the session cast it)
+                # in the base's precision (precision.py; the session cast it); the lm_head and the
+                # cross-entropy in chunks of tokens (core/loss.py): never the whole micro-batch's logits
+                loss = causal_lm_loss(model, b["input_ids"], b["attention_mask"], b["labels"])
                 (loss / optim.grad_accum).backward()
                 loss_sum += loss.item() / optim.grad_accum
                 n_tok += int(b["attention_mask"].sum())

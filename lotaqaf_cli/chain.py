@@ -60,7 +60,7 @@ def step_quantize(s: Session) -> None:
     out_dir = s.cache.quantized_dir(key)
     try:
         with ui.status("loading the cached quantized base ...") if is_checkpoint(out_dir) else contextlib.nullcontext():
-            cached = s.cache.load_quantized(key)
+            cached = s.cache.load_quantized(key, s.precision.dtype)
     except LotaqafError as e:
         ui.say(f"[yellow]cached quantized base is unusable ({e}); quantizing again[/yellow]")
         cached = None
@@ -83,7 +83,7 @@ def step_quantize(s: Session) -> None:
         s.base_info = {"settings": settings, "provenance": provenance, "content_hash": chash}
         if s.stages[-1:] != ["quantize"]:  # later stages need the base: its packed weights, read back
             with ui.status("loading the quantized base (packed) ..."):
-                s.base, _tok, s.base_info = s.cache.load_quantized(key)
+                s.base, _tok, s.base_info = s.cache.load_quantized(key, s.precision.dtype)
             s.place(s.base)
     else:
         s.base, stats = quantize.quantize(src.model, calib, q, pick_device(cfg), split=_linear_split(),
@@ -202,7 +202,7 @@ def step_merge(s: Session) -> None:
             s.adapted.eval()
         else:
             with ui.status(f"loading {run.path} ..."):
-                s.adapted, s.tokenizer, s.adapter_header, s.base_info = run.load_adapted()
+                s.adapted, s.tokenizer, s.adapter_header, s.base_info = run.load_adapted(_load_dtype(s))
             s.place(s.adapted)
     kind = s.adapter_header["kind"]
     s.base = None  # the adapted model wraps the base's layers; the merge replaces them in place (core/plan.py)
@@ -223,7 +223,8 @@ def step_merge(s: Session) -> None:
         with ui.progress_bar(f"merge ({kind})", n_layers, unit="layers") as adv:
             def write_layer(i: int, layer: torch.nn.Module, merged: dict) -> None:
                 writer.add_layer(i, layer, merged)
-                adv(1)
+                memory.trim_heap()  # a layer's freed buffers (codes, markers) back to the system: 0.27 GB on
+                adv(1)              # SmolLM2's 30 layers otherwise stays resident (glibc keeps them)
 
             layers, cert = merge.merge(model, kind, s.heldout(), write_layer=write_layer,
                                        read_layer=read_layer if s.cfg.merge.verify else None)
@@ -245,10 +246,23 @@ def step_merge(s: Session) -> None:
     ui.say(f"certificate: {path}")
 
 
+def _load_dtype(s: Session) -> torch.dtype:
+    """The dtype a run's checkpoint loads in: the run's precision, resolved without saying it yet (a load
+    that fails, e.g. on a corrupted adapter, leaves the run directory as it was)."""
+    return precision.resolve(s.cfg.precision, pick_device(s.cfg)).dtype
+
+
 def step_eval(s: Session) -> None:
     """The recipe's eval tasks on the merged LoTA model (or, for the LoRA baselines, whose merge is
     lossy, the adapter model)."""
     cfg = s.cfg
+    if s.merged is None and s.adapted is None:  # a process that starts at eval: the run's models from disk
+        with ui.status(f"loading {s.run.path} ..."):
+            if cfg.adapter.kind == "lota" and is_checkpoint(s.run.merged_dir):
+                s.merged, s.tokenizer, s.base_info = s.run.load_merged(_load_dtype(s))
+            else:
+                s.adapted, s.tokenizer, s.adapter_header, s.base_info = s.run.load_adapted(_load_dtype(s))
+        s.place(s.merged if s.merged is not None else s.adapted)
     tasks = [t for t in cfg.eval.tasks if t != "mmlu" or s.tokenizer is not None]
     if not tasks:
         ui.say("eval: this model has no tokenizer: MMLU skipped")
@@ -285,7 +299,7 @@ def run_chain(cfg: DictConfig, stages: list[str]) -> None:
     s = Session(cfg, run, stages=stages)
     dist.from_main(lambda: preflight(s, stages))
     name = stages[0] if stages else None
-    device, peaks = pick_device(cfg), {}
+    device, peaks, starts = pick_device(cfg), {}, {}
     try:
         for name in stages:
             if dist.active() and name not in DISTRIBUTED:  # the group's work is done (the other ranks' loop
@@ -293,12 +307,14 @@ def run_chain(cfg: DictConfig, stages: list[str]) -> None:
             ui.say(f"[bold]== {name} ==[/bold]")
             memory.trim_heap()
             memory.reset_peak(device)
+            start = memory.current_bytes(device)
             run_step(s, name)
             peak = memory.peak_bytes(device)
             if peak is not None:
                 peaks[name] = round(peak / 1e9, 3)
+                starts[name] = None if start is None else round(start / 1e9, 3)
                 s.run.log(f"stage {name} done (peak {'GPU' if device.type == 'cuda' else 'resident'} memory "
-                          f"{peaks[name]} GB)")
+                          f"{peaks[name]} GB; {starts[name]} GB held when it began)")
             else:
                 s.run.log(f"stage {name} done")
         dist.leave()
@@ -316,7 +332,7 @@ def run_chain(cfg: DictConfig, stages: list[str]) -> None:
     if peaks:
         s.run.write_record("memory", {"device": str(device), "measured": "torch.cuda.max_memory_reserved"
                                       if device.type == "cuda" else "peak resident set (VmHWM) of the process",
-                                      "peak_gb": peaks, "plan": s.plan})
+                                      "peak_gb": peaks, "start_gb": starts, "plan": s.plan})
     ui.say(f"run directory: {s.run.path}")
 
 

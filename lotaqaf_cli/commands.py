@@ -130,16 +130,16 @@ def cmd_eval(cfg: DictConfig) -> None:
         rc = run.config()
         lm = load_model(rc.model.path, rc.model.dtype)
         model, tok, label = lm.model, lm.tokenizer, "16bit"
-    elif sel == "gptq":
-        model, tok, info = run.load_base()
+    prec = precision.resolve(cfg.precision, pick_device(cfg))
+    if sel == "gptq":
+        model, tok, info = run.load_base(prec.dtype)
         label = "gptq"
     elif sel == "adapter":
-        model, tok, _meta, info = run.load_adapted()
+        model, tok, _meta, info = run.load_adapted(prec.dtype)
         label = "adapter"
-    else:
-        model, tok, info = run.load_merged()
+    elif sel == "merged":
+        model, tok, info = run.load_merged(prec.dtype)
         label = "merged"
-    prec = precision.resolve(cfg.precision, pick_device(cfg))
     ui.say(f"computing in {prec.name} ({prec.why})")
     precision.cast_(model.to(pick_device(cfg)), prec.dtype)
     windows = run.heldout_windows(info, tok) if run is not None and "ppl" in ev.tasks else None

@@ -3,6 +3,7 @@
     reset_peak(device)     start a new peak (CUDA: the allocator's peak; CPU: the resident set's
                            high-water mark, reset through /proc/self/clear_refs where Linux allows it)
     peak_bytes(device)     the peak since the last reset (None where it cannot be read)
+    current_bytes(device)  what is held now (CUDA: the allocator's reserved memory; CPU: the resident set)
     capacity_bytes(device) the device's memory (CUDA: total; CPU: the machine's RAM)
     trim_heap()            hand freed heap memory back to the operating system (glibc)
 
@@ -48,6 +49,13 @@ def peak_bytes(device: torch.device) -> int | None:
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_reserved(device))
     kib = _status_kib("VmHWM")
+    return None if kib is None else kib * 1024
+
+
+def current_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.memory_reserved(device))
+    kib = _status_kib("VmRSS")
     return None if kib is None else kib * 1024
 
 

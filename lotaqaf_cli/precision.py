@@ -95,8 +95,14 @@ def needs_cast(model: nn.Module, dtype: torch.dtype) -> bool:
 
 def cast_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """``model`` itself when nothing needs casting, else a copy cast to ``dtype`` (the source stays as it
-    is, e.g. a float32 source that quantization reads again)."""
-    return cast_(copy.deepcopy(model), dtype) if needs_cast(model, dtype) else model
+    is, e.g. a float32 source that quantization reads again). The parameters that :func:`cast_` would cast
+    are copied straight into ``dtype`` (never a whole copy in the source's dtype first)."""
+    if not needs_cast(model, dtype):
+        return model
+    skip = _adapter_parameter_ids(model)
+    memo = {id(p): nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=p.requires_grad)
+            for p in model.parameters() if id(p) not in skip and p.is_floating_point() and p.dtype != dtype}
+    return copy.deepcopy(model, memo)
 
 
 def dtype_name(model: nn.Module) -> str:

@@ -35,6 +35,18 @@ def test_merge_certificate_and_unmerge(work):
     assert json.loads((work / "runs/smoke/a/unmerge.json").read_text())["identical"] is True
 
 
+def test_eval_stage_alone_loads_the_merged_model(work):
+    """`lotaqaf train stages=[eval]` in a fresh process on a merged run scores the merged checkpoint (the
+    same perplexity the certificate measured for it)."""
+    assert main(["merge", "run=runs/smoke/a"]) == 0
+    args = ["train", "recipe=smoke", "run.dir=runs/smoke/a", "adapter.omega=2", "optim.steps=8",
+            "stages=[eval]", "eval.tasks=[ppl]"]
+    assert main(args) == 0
+    out = json.loads((work / "runs/smoke/a/eval-merged.json").read_text())
+    cert = json.loads((work / "runs/smoke/a/merge_certificate.json").read_text())
+    assert out["ppl"]["ppl"] == cert["perplexity"]["merged"], (out, cert["perplexity"])
+
+
 def test_merge_newest_run_by_default(work):
     assert main(["merge"]) == 0
     assert any((work / "runs/smoke").glob("*/merged/model-*.safetensors"))

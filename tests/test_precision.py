@@ -60,6 +60,25 @@ def test_cast_touches_only_the_non_quantized_parameters():
     assert precision.dtype_name(model) == "bfloat16"
 
 
+def test_cast_copy_leaves_the_source_and_casts_what_cast_would():
+    """The 16-bit row's copy: the parameters cast_ casts, copied straight into bf16 (tied ones still tied),
+    everything else equal; the float32 source untouched."""
+    model = smoke_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    copy_ = precision.cast_copy(model, torch.bfloat16)
+    assert copy_ is not model and copy_.lm_head.weight is copy_.model.embed_tokens.weight
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, before[n])
+    ref = precision.cast_(smoke_model(), torch.bfloat16)  # the same model cast in place
+    got, want = dict(copy_.named_parameters()), dict(ref.named_parameters())
+    assert got.keys() == want.keys()
+    for n in want:
+        assert got[n].dtype == want[n].dtype and torch.equal(got[n], want[n]), n
+    assert copy_.model.rotary_emb.inv_freq.dtype == torch.float32
+    ids = torch.randint(3, 256, (1, 8))
+    assert torch.equal(copy_(ids).logits, ref(ids).logits)
+
+
 def _ternary(seed=0, rows=96, rank=8, act_order=False):
     base = random_qlinear(128, 48, 3, 32, seed=seed, zeros="integer", fp16_scales=True, act_order=act_order)
     g = torch.Generator().manual_seed(seed + 1)

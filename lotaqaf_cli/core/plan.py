@@ -4,19 +4,23 @@ Every figure is a sum of named terms (a Stage's ``parts``) that follow what the 
 
 - weights: the source model in its dtype (loaded whole, or one decoder layer when streamed); the
   packed base (bits/8 bytes a weight, padded to whole int32 rows, plus float32 scales and zeros per
-  group and the int32 g_idx), and the rest (embeddings, norms, lm_head) in float32 as the quantized
-  checkpoint is loaded. A chained run keeps the objects of earlier stages (source, base, adapted
-  model, merged model): each stage counts what is resident then.
+  group and the int32 g_idx), and the rest (embeddings, norms, lm_head) in the run's precision (the
+  quantized checkpoint's are loaded straight into it). A chained run keeps the objects of earlier
+  stages (the source, the one model): each stage counts what is resident then; on CUDA, what lives in
+  host memory only (pinned calibration activations, the shard being written) is a Stage's ``host``.
 - quantize: calibration activations (n x seq x hidden, the source dtype; replaced in place layer by
-  layer), one layer's forward transients per calibration batch, a Hessian (float32 d_in^2) per linear
-  of the layer, GPTQ's working copies of the largest linear.
-- train: adapter tensors with their gradients and optimizer state; activations saved for backward
-  per token and layer (or, with gradient checkpointing, each layer's input plus one layer
-  recomputed); the logits (micro-batch x tokens x vocab, float32), their log-softmax and both
-  gradients;
-  the dense effective weight LoTA builds for its largest layer.
-- ppl / merge / eval: the models held, and one forward's logits and transients (merge scores the
-  held-out perplexity of the adapted and merged models for its certificate).
+  layer; on the device or, quant.activations, in host memory), one layer's forward transients per
+  calibration batch, the Hessians (float32 d_in^2) of the linears still to quantize and GPTQ's working
+  copies of the one being quantized.
+- train: the adapters wrap the one packed base; adapter tensors with their gradients and optimizer
+  state; activations saved for backward per token and layer (or, with gradient checkpointing, each
+  layer's input plus one layer recomputed); the dequantized weights autograd saves for backward; one
+  chunk of the chunked loss's logits (core/loss.py); the dense effective weight LoTA builds for its
+  largest layer.
+- ppl / merge / eval: the one model (adapters switched off for the GPTQ row; merged in place), one
+  forward's logits and transients (merge scores the held-out perplexity of the adapter and merged
+  models for its certificate), the 16-bit row's copy in the run's precision, the merge's probe and the
+  checkpoint shard being written.
 - runtime: the process itself (CPU: interpreter, torch and the libraries; CUDA: the context, which
   the allocator's peak does not count).
 
@@ -162,8 +166,13 @@ def plan(shape: Shape, x: Inputs) -> list[Stage]:
         q_dev["source + its quantized copy"] = 2 * source
     q_dev.update({} if x.activations_on_host else calib)
     q_dev["layer forward (one batch)"] = x.calib_batch_tokens * (shape.act_elems() * sb + d_in_max * 4)
-    q_dev["Hessians (one layer)"] = sum(a * a * 4 for a, _ in shape.linears())
-    q_dev["GPTQ working copies"] = 3 * d_in_max * d_in_max * 4 + 6 * big * 4
+    # each linear's Hessian is freed once that linear is quantized (q, k, v, o, gate, up, down in turn);
+    # GPTQ's own peak is the Cholesky step (H, its factor and inverse: 3 d_in^2) or the column loop
+    # (the inverse factor and W's float32 working copies)
+    lins = shape.linears()
+    hess = [a * a * 4 for a, _ in lins]
+    gptq = [max(3 * a * a + 2 * a * b, a * a + 6 * a * b) * 4 for a, b in lins]
+    q_dev["Hessians and GPTQ's working copies"] = max(sum(hess[i:]) + gptq[i] for i in range(len(lins)))
     q = stage("quantize", q_dev, calib if x.activations_on_host else {})
 
     adapter_params = sum(x.rank * (a + b) for a, b in shape.linears()) * shape.layers
@@ -191,18 +200,27 @@ def plan(shape: Shape, x: Inputs) -> list[Stage]:
     t = stage("train", t)
 
     adapter_kept = adapter_params * 4       # the trained adapters (gradients and optimizer state are gone)
-    forward = x.ppl_tokens * (shape.vocab * 4 * 2 + shape.act_elems() * act)
+    # core/perplexity: the float32 logits, the shifted copy and its log-softmax (12 bytes a logit; measured
+    # 0.65 GB for SmolLM2 at 4 x 256 tokens, activations included)
+    forward = x.ppl_tokens * (shape.vocab * 12 + shape.act_elems() * act)
+    # the 16-bit row scores the source in the run's precision: a copy when it is held in another dtype
+    row16 = shape.params * act if x.source_held and act != sb else 0.0
     p = stage("ppl", {"runtime": runtime, "source (held)": held_source, "base (adapters on and off)": base,
-                      "adapters": adapter_kept, "forward (one batch)": forward})
-    # merge (stages/merge.py): in place, decoder layer by decoder layer; the probe's logits and the hidden
-    # states entering every layer; one layer's merge; the shard being written (the embeddings and lm_head
-    # shard is the largest) and the one read back
-    probe = PROBE_TOKENS * (shape.vocab * 4 * 2 + shape.hidden * act * shape.layers)
-    m = stage("merge", {"runtime": runtime, "source (held)": held_source, "model (merged in place)": base,
-                        "adapters": adapter_kept, "forward (one batch)": forward, "probe": probe,
-                        "one layer's merge": 4 * big},
-              {"shard being written": max(shape.rest_params * act, packed_bytes(shape, x.bits, x.group_size)
-                                          / shape.layers + layer_weights / 4)})
+                      "adapters": adapter_kept, "16-bit row's copy in the run's precision": row16,
+                      "forward (one batch)": forward})
+    # merge (stages/merge.py): in place, decoder layer by decoder layer. Its phases do not overlap: the
+    # held-out forwards (before and after), the probe's logits and hidden states with one layer's merge,
+    # the shard being written (the embeddings and lm_head shard is the largest; host memory on CUDA).
+    probe = PROBE_TOKENS * (shape.vocab * 4 * 2 + shape.hidden * act * shape.layers) + 4 * big
+    shard = max(shape.rest_params * act, packed_bytes(shape, x.bits, x.group_size) / shape.layers + layer_weights / 4)
+    merge_dev = {"runtime": runtime, "source (held)": held_source, "model (merged in place)": base,
+                 "adapters": adapter_kept}
+    if cpu:
+        merge_dev["largest phase: forward, probe + one layer, or shard written"] = max(forward, probe, shard)
+        m = stage("merge", merge_dev)
+    else:
+        merge_dev["largest phase: forward, or probe + one layer"] = max(forward, probe)
+        m = stage("merge", merge_dev, {"shard being written": shard})
     e = stage("eval", {"runtime": runtime, "source (held)": held_source, "merged model": base,
                        "forward (one batch)": x.eval_tokens * (shape.vocab * 4 * 2 + shape.act_elems() * act)})
     return [q, t, p, m, e]

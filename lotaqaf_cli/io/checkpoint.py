@@ -236,8 +236,10 @@ def quant_linears(state: dict[str, torch.Tensor], bits: int, group_size: int) ->
     return layers, merged
 
 
-def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """Load a GPTQ checkpoint (lotaqaf's or gptqmodel's) into a model of QuantLinear layers.
+def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype | None = torch.float32):
+    """Load a GPTQ checkpoint (lotaqaf's or gptqmodel's) into a model of QuantLinear layers, its other
+    tensors (embeddings, norms, lm_head) in ``dtype`` (None: as stored; a run passes its precision, so
+    that a 16-bit checkpoint's embeddings are never held twice, once as stored and once upcast).
 
     Returns (model, tokenizer or None, info) where info holds the quantize config and content hash.
     """
@@ -263,6 +265,8 @@ def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float
     config.quantization_config = None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    if dtype is None:  # the stored dtype of the non-quantized tensors (the embeddings')
+        dtype = next((t.dtype for k, t in state.items() if t.is_floating_point() and "embed" in k), torch.float32)
     with torch.device("meta"):  # nothing allocated for the 16-bit linears: they become QuantLinears below
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
 
@@ -270,8 +274,9 @@ def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float
     names = list(layers)
     for name, layer in layers.items():
         replace_module(model, name, layer)
-    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False,
-                                                assign=True)
+    for k in list(state):  # one tensor at a time: the stored one is dropped as its cast copy is made
+        state[k] = state[k].to(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     quant_buffers = {f"{n}.{b}" for n in names for b in ("qweight", "scales", "zeros", "g_idx", "bias")}
     missing = [k for k in missing if k not in quant_buffers
                and not (k == "lm_head.weight" and config.tie_word_embeddings)]

@@ -159,14 +159,15 @@ class Cache:
     def quantized_dir(self, key: str) -> Path:
         return self._file("quantized", key)
 
-    def load_quantized(self, key: str):
-        """(model, tokenizer, info) of a cached base, None when absent; a corrupted entry is removed
-        and reported as the exception's message (the caller quantizes again)."""
+    def load_quantized(self, key: str, dtype: torch.dtype | None = torch.float32):
+        """(model, tokenizer, info) of a cached base (its non-quantized tensors in ``dtype``), None when
+        absent; a corrupted entry is removed and reported as the exception's message (the caller
+        quantizes again)."""
         d = self.quantized_dir(key)
         if not is_checkpoint(d):
             return None
         try:
-            return load_quantized(d)
+            return load_quantized(d, dtype)
         except LotaqafError:
             shutil.rmtree(d, ignore_errors=True)
             raise
@@ -348,24 +349,24 @@ class RunDir:
         rec = self.read_record("quantize") or {}
         return rec.get("source_hash") or (base_info or {}).get("provenance", {}).get("source_hash")
 
-    def load_base(self):
-        """(model, tokenizer, info) of the run's quantized base."""
-        return load_quantized(self.base_dir())
+    def load_base(self, dtype: torch.dtype | None = torch.float32):
+        """(model, tokenizer, info) of the run's quantized base (non-quantized tensors in ``dtype``)."""
+        return load_quantized(self.base_dir(), dtype)
 
-    def load_adapted(self):
+    def load_adapted(self, dtype: torch.dtype | None = torch.float32):
         """(adapted model, tokenizer, adapter header, base info): the base with the run's adapter."""
         from .adapter import load_adapter
 
         if not self.adapter_file.is_file():
             raise LotaqafError(f"run {self.path} has no {ADAPTER}: nothing to merge (train it first)")
-        model, tok, info = self.load_base()
+        model, tok, info = self.load_base(dtype)
         meta = load_adapter(model, self.adapter_file, info["content_hash"])
         return model.eval(), tok, meta, info
 
-    def load_merged(self):
+    def load_merged(self, dtype: torch.dtype | None = torch.float32):
         if not is_checkpoint(self.merged_dir):
             raise LotaqafError(f"run {self.path} has no merged model: run `lotaqaf merge run={self.path}` first")
-        return load_quantized(self.merged_dir)
+        return load_quantized(self.merged_dir, dtype)
 
     def heldout_windows(self, base_info: dict | None = None, tokenizer=None) -> torch.Tensor | None:
         """The run's held-out perplexity windows, as its config names them (Cache.stored_windows); None

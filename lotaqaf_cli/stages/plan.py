@@ -104,9 +104,10 @@ def for_config(cfg: DictConfig, stages: list[str], device: torch.device) -> tupl
 def activations_on_host(cfg: DictConfig, device: torch.device) -> bool:
     """Where quantization keeps the calibration activations: quant.activations, or under auto the plan's
     choice for ``device`` (host memory only on CUDA, when they do not fit beside the layer's work)."""
-    if device.type != "cuda" or cfg.quant.activations == "device":
+    where = cfg.quant.activations
+    if device.type != "cuda" or where == "device":  # on a CPU the device is the host
         return False
-    if cfg.quant.activations == "host":
+    if where == "host":
         return True
     return for_config(cfg, ["quantize"], device)[0].inputs.activations_on_host
 

@@ -90,8 +90,6 @@ def test_base_scored_without_adapters_is_the_base(smoke, calib_ids):
             assert not adapter_layers(plain)
             assert torch.equal(plain(calib_ids).logits, ref_base)
         assert torch.equal(model(calib_ids).logits, ref_adapted)
-    shared = {n: m.base.qweight.data_ptr() for n, m in adapter_layers(model).items()}
-    assert len(shared) == 14 and len(set(shared.values())) == 14  # each wraps its own layer, not a copy
 
 
 def _written(tmp_path, model, kind, tamper=None):

@@ -109,3 +109,27 @@ def test_gradient_checkpointing_gives_the_same_adapter(in_tmp):
     _, b = read_adapter(in_tmp / "runs/plain/adapter.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert sum(int((a[k] != 0).sum()) for k in a if k.endswith("B_T")) > 0
+
+
+def test_training_wraps_the_base_it_is_given(in_tmp):
+    """One copy of the packed base: the train step attaches the adapters to the base the quantize step
+    left (no copy), each adapter layer wrapping that base's own QuantLinear, whose packed words are not
+    copied either."""
+    from lotaqaf_cli.chain import run_step
+    from lotaqaf_cli.config import compose
+    from lotaqaf_cli.core.qlinear import quantized_modules
+    from lotaqaf_cli.io.adapter import adapter_layers
+    from lotaqaf_cli.io.rundir import RunDir
+    from lotaqaf_cli.session import Session
+
+    cfg = compose(["recipe=smoke", "run.dir=runs/wrap", "optim.steps=2", "optim.batch_size=2"])
+    s = Session(cfg, RunDir.for_config(cfg))
+    run_step(s, "quantize")
+    base = s.base
+    layers = {n: (m, m.qweight.data_ptr()) for n, m in quantized_modules(base).items()}
+    run_step(s, "train")
+    assert s.adapted is base and s.base is None
+    wrapped = adapter_layers(s.adapted)
+    assert len(wrapped) == 14
+    for name, m in wrapped.items():
+        assert m.base is layers[name][0] and m.base.qweight.data_ptr() == layers[name][1], name

@@ -236,10 +236,10 @@ def quant_linears(state: dict[str, torch.Tensor], bits: int, group_size: int) ->
     return layers, merged
 
 
-def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype | None = torch.float32):
+def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """Load a GPTQ checkpoint (lotaqaf's or gptqmodel's) into a model of QuantLinear layers, its other
-    tensors (embeddings, norms, lm_head) in ``dtype`` (None: as stored; a run passes its precision, so
-    that a 16-bit checkpoint's embeddings are never held twice, once as stored and once upcast).
+    tensors (embeddings, norms, lm_head) in ``dtype`` (a run passes its precision, so that a 16-bit
+    checkpoint's embeddings are never held twice, once as stored and once upcast).
 
     Returns (model, tokenizer or None, info) where info holds the quantize config and content hash.
     """
@@ -265,8 +265,6 @@ def load_quantized(ckpt_dir: str | os.PathLike, dtype: torch.dtype | None = torc
     config.quantization_config = None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    if dtype is None:  # the stored dtype of the non-quantized tensors (the embeddings')
-        dtype = next((t.dtype for k, t in state.items() if t.is_floating_point() and "embed" in k), torch.float32)
     with torch.device("meta"):  # nothing allocated for the 16-bit linears: they become QuantLinears below
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
 

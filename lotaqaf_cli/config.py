@@ -19,8 +19,20 @@ from .errors import LotaqafError
 GROUPS = ("model", "quant", "calib", "adapter", "optim", "data", "eval", "recipe")
 DEFAULT_RECIPE = "smollm2_mmlu"
 STAGES = ("quantize", "train", "ppl", "merge", "eval")   # what `lotaqaf train` may chain
-EVAL_TASKS = ("mmlu", "ppl", "gsm8k")
+EVAL_TASKS = ("mmlu", "ppl", "gsm8k", "sql", "viggo")   # lotaqaf's own; any other name is lm-eval's
 EXPORT_FORMATS = ("gguf", "torchao", "gptq", "hf16")
+
+
+def _shipped_file(name: str) -> str:
+    """``${shipped:NAME}`` in a recipe: the path of a data file shipped in lotaqaf_cli/data/shipped/."""
+    from .data.shipped import DIR
+
+    if not (DIR / name).is_file():
+        raise LotaqafError(f"no shipped data file '{name}' (have: {', '.join(sorted(p.name for p in DIR.iterdir()))})")
+    return str(DIR / name)
+
+
+OmegaConf.register_new_resolver("shipped", _shipped_file, replace=True)
 
 
 def recipes_dir() -> Path:
@@ -212,10 +224,11 @@ def schema() -> dict[str, Rule]:
         "optim.max_grad_norm": Float(0, nullable=True),
         "data.source": Choice(*DATA_SOURCES), "data.path": PATH, "data.n_samples": Int(1, nullable=True),
         "data.source_len": Int(0), "data.target_len": Int(1), "data.seed": Int(0),
-        "eval.tasks": Rule("list", item=Choice(*EVAL_TASKS), nonempty=True), "eval.model": PATH,
+        "eval.tasks": Rule("list", item=STR, nonempty=True), "eval.model": PATH,
         "eval.mmlu_source": Choice("auto", "hub", "offline"), "eval.num_fewshot": Int(0, FEWSHOT_ROWS, high_closed=True),
         "eval.limit": Int(1, nullable=True), "eval.engine": Choice(*MMLU_ENGINES), "eval.batch_size": Int(1),
-        "eval.gsm8k_file": PATH,
+        "eval.gsm8k_file": PATH, "eval.sql_file": PATH, "eval.viggo_file": PATH, "eval.max_length": Int(2),
+        "eval.lm_eval_include": PATH,
         "merge.verify": BOOL, "merge.unmerge": BOOL,
         "export.format": Choice(*EXPORT_FORMATS, nullable=True), "export.allow_lossy": BOOL,
         "export.offset_branch": BOOL, "export.gguf_type": Choice(*GGUF_TYPES), "export.check": BOOL, "export.check_python": PATH,
@@ -288,6 +301,11 @@ def _validate_joint(cfg: DictConfig, command: str) -> None:
         _check_shipped(cfg, command)
     if cfg.data.source == "jsonl" and not cfg.data.path:
         raise LotaqafError("data=jsonl needs data.path=FILE")
+    if command == "train" and "train" in cfg.stages and cfg.data.source == "sql" and not cfg.data.path:
+        raise LotaqafError("data=sql needs data.path=FILE: the paper's SQL data is HALO's data/sql/train.jsonl "
+                           "(IST-DASLab/HALO), which is not on the hub")
+    if command == "eval" or (command == "train" and "eval" in cfg.stages):
+        _check_eval_tasks(cfg.eval)
     if cfg.kernels == "triton" and not kernels.triton_available():
         raise LotaqafError("kernels=triton needs the triton package (pip install triton); kernels=auto runs without it")
     if cfg.kernels == "triton" and not kernels.interpreting():
@@ -302,6 +320,23 @@ def _validate_joint(cfg: DictConfig, command: str) -> None:
         from .io.gguf_export import lossy_gguf_refusal
 
         raise LotaqafError(lossy_gguf_refusal(cfg.export.gguf_type))
+
+
+def _check_eval_tasks(ev: DictConfig) -> None:
+    """Every task is lotaqaf's or lm-eval's, and lotaqaf's task-specific ones have their data."""
+    from .eval import lm_eval_tasks
+    from .hub import hub_reachable
+
+    tasks = list(ev.tasks)
+    if ev.lm_eval_include is not None and not Path(ev.lm_eval_include).expanduser().is_dir():
+        raise LotaqafError(f"eval.lm_eval_include={ev.lm_eval_include}: not a directory of lm-eval task files")
+    lm_eval_tasks.check(tasks, EVAL_TASKS, ev.lm_eval_include and str(Path(ev.lm_eval_include).expanduser().resolve()))
+    if "sql" in tasks and ev.sql_file is None:
+        raise LotaqafError("sql needs eval.sql_file=FILE (--sql-file): the paper's SQL test data is HALO's "
+                           "data/sql/valid.jsonl (IST-DASLab/HALO), which is not on the hub")
+    if "viggo" in tasks and ev.viggo_file is None and not hub_reachable():
+        raise LotaqafError("viggo needs the Hugging Face hub (GEM/viggo), which is unreachable; offline, give a "
+                           "local copy in GEM/viggo's layout with --viggo-file FILE.jsonl")
 
 
 def _check_shipped(cfg: DictConfig, command: str) -> None:
@@ -325,13 +360,15 @@ def check_paths(cfg: DictConfig, command: str) -> None:
         uses_data = command == "train" and "train" in cfg.stages
         reads = [("calib.path", cfg.calib.path if cfg.calib.source == "file" else None),
                  ("ppl.path", cfg.ppl.path if cfg.ppl.source == "file" and "ppl" in cfg.stages else None),
-                 ("data.path", cfg.data.path if uses_data and cfg.data.source == "jsonl" else None)]
+                 ("data.path", cfg.data.path if uses_data and cfg.data.source in ("jsonl", "sql", "viggo")
+                  else None)]
         for key, path in reads:
             if path is not None:
                 readable_file(path, key)
     evaluates = command == "eval" or (command == "train" and "eval" in cfg.stages)
-    if evaluates and cfg.eval.gsm8k_file is not None:
-        readable_file(cfg.eval.gsm8k_file, "eval.gsm8k_file")
+    for key in ("gsm8k_file", "sql_file", "viggo_file"):
+        if evaluates and cfg.eval[key] is not None:
+            readable_file(cfg.eval[key], f"eval.{key}")
     if command == "export" and cfg.export.check and cfg.export.check_python is not None:
         readable_file(cfg.export.check_python, "export.check_python")
         if not os.access(Path(cfg.export.check_python).expanduser(), os.X_OK):

@@ -2,6 +2,8 @@
 
     python scripts/reproduce.py --bits 3 2        # default sizes (see docs/results/smollm2.md for the time)
     python scripts/reproduce.py --quick           # INT2 on a small subset, a few minutes (run by `make test`)
+    python scripts/reproduce.py --check           # rerun the committed table's settings; exit 1 naming the rows that moved
+    python scripts/reproduce.py --quick --check   # the same for docs/results/smollm2_quick.json (`make test` checks it)
 
 For every bit width: one GPTQ base (the recipe's quantizer, cached under <root>/_cache), then
 GPTQ + LoRA, QA-LoRA and LoTA-QAF trained on the same self-distilled data with the same number of
@@ -12,6 +14,14 @@ too and must agree on every question and on perplexity, or the script fails.
 
 Writes <out>.md (the table, the exact command, the subset), <out>.json (everything measured) and
 <out>.png (bar chart), each through a temporary file.
+
+--check [REFERENCE] makes the reproduction a gate: the settings not given on the command line are the
+reference's (default docs/results/smollm2.json, or smollm2_quick.json with --quick), the outputs go to
+<root>/reproduce-check/ (never over the committed files), and the run's numbers are compared with the
+reference's (:func:`check`): each perplexity within a relative tolerance, each MMLU average within a
+number of standard errors, every merge certificate exactly 0 and every merged model equal to its
+adapter model. Rows that moved are printed one a line and the script exits 1; settings that differ
+from the reference's exit 2. --results JSON checks an earlier run's results instead of running.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -50,6 +61,10 @@ ADAPTER = {"lora": ["adapter=lora"], "qalora": ["adapter=qalora"], "lota": ["ada
 BIT_LABELS = {"lora": "{b}+16"}
 # --quick: two subjects (humanities, STEM), small data; sized to finish in a few minutes on 2 cores.
 QUICK_SUBJECTS = ("philosophy", "elementary_mathematics")
+# --check: a perplexity may move this much (relative), an MMLU average this many standard errors
+PPL_TOL, ACC_SE = 0.02, 2.0
+DEFAULT_OUT = "docs/results/smollm2"
+SETTING_FLAGS = ("quick", "bits", "steps", "limit", "subjects", "seed", "precision")  # what changes the numbers
 QUICK_OVERRIDES = ["calib.n_samples=4", "calib.seq_len=128", "ppl.n_samples=4", "ppl.seq_len=128",
                    "data.n_samples=16", "data.target_len=64"]
 
@@ -62,10 +77,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--subjects", nargs="+", default=None, help="MMLU subjects (default all 57; --quick 2)")
     p.add_argument("--quick", action="store_true", help="INT2, small data and subset: a few minutes")
     p.add_argument("--root", default="runs", help="runs root (its _cache is shared with `lotaqaf train`)")
-    p.add_argument("--out", default="docs/results/smollm2", help="output path without extension")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+    p.add_argument("--out", default=None, help="output path without extension (default docs/results/smollm2, "
+                   "smollm2_quick with --quick, <root>/reproduce-check/<name> with --check)")
+    p.add_argument("--seed", type=int, default=None, help="default 0")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
                    help="the compute precision of every model (precision.py; default auto)")
+    p.add_argument("--check", nargs="?", const="", default=None, metavar="REFERENCE",
+                   help="compare with a committed results JSON (default docs/results/smollm2[_quick].json); "
+                   "exit 1 naming the rows that moved")
+    p.add_argument("--results", metavar="JSON", help="with --check: check this results JSON instead of running")
+    p.add_argument("--ppl-tol", type=float, default=PPL_TOL, help=f"--check: relative perplexity tolerance "
+                   f"(default {PPL_TOL})")
+    p.add_argument("--acc-se", type=float, default=ACC_SE, help=f"--check: MMLU average tolerance in standard "
+                   f"errors (default {ACC_SE})")
     p.add_argument("--render", metavar="JSON", help="only rewrite <out>.md and .png from a results JSON of this script")
     return p.parse_args(argv)
 
@@ -76,8 +100,8 @@ def settings_from(args) -> dict:
             "steps": args.steps or (6 if quick else 40),
             "limit": args.limit or 5,
             "subjects": sorted(args.subjects or (QUICK_SUBJECTS if quick else mmlu.SUBJECTS)),
-            "overrides": (list(QUICK_OVERRIDES) if quick else []) + [f"precision={args.precision}"],
-            "seed": args.seed}
+            "overrides": (list(QUICK_OVERRIDES) if quick else []) + [f"precision={args.precision or 'auto'}"],
+            "seed": args.seed or 0}
 
 
 def run_config(bits: int, method: str, s: dict, root: Path, stamp: str):
@@ -189,6 +213,83 @@ def command_line(args) -> str:
     return " ".join(parts)
 
 
+# --------------------------------------------------------------------------- the gate (--check)
+
+class SettingsDiffer(Exception):
+    """The run and the reference were not made with the same settings: their numbers do not compare."""
+
+
+def reference_path(args) -> Path:
+    return Path(args.check) if args.check else Path(DEFAULT_OUT + ("_quick" if args.quick else "") + ".json")
+
+
+def args_for_reference(args, ref: dict) -> argparse.Namespace:
+    """The reference's own arguments, re-parsed from the command it records, with the run's other flags
+    (root, out, tolerances); a setting flag given here must agree with the reference's."""
+    ref_args = parse_args(shlex.split(ref["command"])[2:])
+    given = {k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k) not in (None, False)}
+    mine, theirs = settings_from(argparse.Namespace(**{**vars(ref_args), **given})), settings_from(ref_args)
+    differ = [f"{k} {mine[k]} vs the reference's {theirs[k]}" for k in mine if mine[k] != theirs[k]]
+    if differ:
+        raise SettingsDiffer("; ".join(differ) + f" (the reference was made by `{ref['command']}`)")
+    for k in ("root", "out", "check", "results", "ppl_tol", "acc_se"):
+        setattr(ref_args, k, getattr(args, k))
+    return ref_args
+
+
+COMPARED_SETTINGS = ("bits", "steps", "limit", "subjects", "overrides", "seed", "group_size", "ppl_windows",
+                     "precision")
+
+
+def _row_name(r: dict) -> str:
+    return "16-bit" if r["method"] == "base" else f"INT{r['bits']} {r['label']}"
+
+
+def check(res: dict, ref: dict, ppl_tol: float = PPL_TOL, acc_se: float = ACC_SE) -> list[str]:
+    """The rows of ``res`` that moved from ``ref``, one line each (empty: every number holds).
+
+    Held-out perplexity: relative change above ``ppl_tol``. MMLU average: a change above ``acc_se``
+    standard errors of the reference's accuracy on its number of questions (p clipped to [0.5/n,
+    1 - 0.5/n], so a 0% or 100% row still has a width). Every merge check of ``res`` must be exact (its
+    certificate 0, the merged model's predictions and perplexity its adapter model's), and the held-out
+    windows the reference's. Raises :class:`SettingsDiffer` when the settings that shape the numbers differ.
+    """
+    res, ref = json.loads(json.dumps(res)), json.loads(json.dumps(ref))  # the same key types (JSON's)
+    mine, theirs = res["settings"], ref["settings"]
+    differ = [f"{k} {mine.get(k)} vs the reference's {theirs.get(k)}" for k in COMPARED_SETTINGS
+              if k in theirs and mine.get(k) != theirs[k]]
+    if differ:
+        raise SettingsDiffer("; ".join(differ))
+    moved = []
+    if theirs.get("heldout_hash") and mine.get("heldout_hash") != theirs["heldout_hash"]:
+        moved.append(f"held-out windows: hash {mine.get('heldout_hash')} vs the reference's {theirs['heldout_hash']}")
+    rows = {(r["method"], r["bits"]): r for r in res["rows"]}
+    for want in ref["rows"]:
+        name, got = _row_name(want), rows.pop((want["method"], want["bits"]), None)
+        if got is None:
+            moved.append(f"{name}: missing from the run")
+            continue
+        rel = got["ppl"] / want["ppl"] - 1
+        if abs(rel) > ppl_tol:
+            moved.append(f"{name}: held-out perplexity {got['ppl']:.4f} vs {want['ppl']:.4f} committed "
+                         f"({100 * rel:+.1f}%, tolerance {100 * ppl_tol:g}%)")
+        n = want["n_questions"]
+        p = min(max(want["avg"], 0.5 / n), 1 - 0.5 / n)
+        se = math.sqrt(p * (1 - p) / n)
+        if abs(got["avg"] - want["avg"]) > acc_se * se:
+            moved.append(f"{name}: MMLU average {100 * got['avg']:.2f}% vs {100 * want['avg']:.2f}% committed "
+                         f"({(got['avg'] - want['avg']) / se:+.1f} standard errors of {100 * se:.1f} points, "
+                         f"tolerance {acc_se:g})")
+    moved += [f"{_row_name(r)}: not in the reference" for r in rows.values()]
+    for c in res["merge_checks"]:
+        if not c["ok"]:
+            moved.append(f"INT{c['bits']} {LABELS[c.get('method', 'lota')]} merge: certificate "
+                         f"{c['certificate_max_abs_logit_diff']:g}, {c['same_predictions']}/{c['questions']} "
+                         f"predictions and perplexity {c['merged_ppl']!r} vs {c['adapter_ppl']!r} of the adapter model "
+                         "(must be exact)")
+    return moved
+
+
 # --------------------------------------------------------------------------- reporting
 
 def _pct(x) -> str:
@@ -267,22 +368,57 @@ def write_outputs(res: dict, out: str | Path) -> dict:
     return write_results(res, out, markdown, chart)
 
 
+def _fail(msg: str) -> int:
+    print(f"reproduce: {msg}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     args = parse_args(argv)
+    ref = ref_path = None
+    if args.check is not None:
+        ref_path = reference_path(args)
+        try:
+            ref = json.loads(ref_path.read_text())
+        except (OSError, ValueError) as e:
+            return _fail(f"cannot read the reference {ref_path}: {str(e).splitlines()[0]}")
+        try:
+            args = args_for_reference(args, ref)
+        except SettingsDiffer as e:
+            return _fail(f"--check: the settings differ from the reference's: {e}")
+        args.out = args.out or str(Path(args.root) / "reproduce-check" / ref_path.stem)
+    elif args.results:
+        return _fail("--results needs --check")
+    args.out = args.out or DEFAULT_OUT + ("_quick" if args.quick else "")
     if args.render:
         res = json.loads(Path(args.render).read_text())
         write_text_atomic(Path(args.out).with_suffix(".md"), markdown(res))
         chart(res, Path(args.out).with_suffix(".png"))
         return 0
-    res = reproduce(args)
-    paths = write_outputs(res, args.out)
-    ui.say(markdown(res))
-    ui.say("written: " + ", ".join(paths.values()))
+    if args.results:
+        res = json.loads(Path(args.results).read_text())
+    else:
+        res = reproduce(args)
+        paths = write_outputs(res, args.out)
+        ui.say(markdown(res))
+        ui.say("written: " + ", ".join(paths.values()))
     bad = [c for c in res["merge_checks"] if not c["ok"]]
-    if bad:
+    if ref is None and bad:
         print(f"reproduce: merged LoTA-QAF model differs from its adapter model: {bad}", file=sys.stderr)
         return 1
+    if ref is not None:
+        try:
+            moved = check(res, ref, args.ppl_tol, args.acc_se)
+        except SettingsDiffer as e:
+            return _fail(f"--check: the settings differ from the reference's: {e}")
+        for line in moved:
+            print(f"moved: {line}", file=sys.stderr)
+        if moved:
+            print(f"reproduce --check: {len(moved)} row(s) moved from {ref_path}", file=sys.stderr)
+            return 1
+        ui.say(f"reproduce --check: every row within tolerance of {ref_path} (perplexity {100 * args.ppl_tol:g}%, "
+               f"MMLU average {args.acc_se:g} standard errors; every merge exact)")
     return 0
 
 

@@ -37,6 +37,8 @@ FILES = {
     "emptydir/": None,
     "bad.jsonl": _jsonl(['{"instruction": "a", "output": "b"}', '{"instruction": "c", "output": "d"']),
     "noanswer.jsonl": _jsonl(['{"instruction": "a", "output": ""}']),
+    "sqlrows.jsonl": _jsonl(['{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "SELECT 1"}]}']),
+    "viggorows.jsonl": _jsonl(['{"meaning_representation": "inform(name[A])", "target": "A.", "references": ["A."]}']),
 }
 
 # (case id, argv, what the one line must contain). RUN stands for a trained, merged smoke run.
@@ -97,6 +99,9 @@ CASES = [
      "bad.jsonl:2: invalid JSON (Expecting ',' delimiter at column 35)"),
     ("empty answer", ["train", *SMOKE, "data=jsonl", "data.path=noanswer.jsonl"],
      "noanswer.jsonl:1: the record has an empty \"output\""),
+    ("SQL data unset", ["train", *SMOKE, "data=sql"], "data=sql needs data.path=FILE: the paper's SQL data is HALO's"),
+    ("SQL data in another layout", ["train", *SMOKE, "data=sql", "data.path=viggorows.jsonl"],
+     "viggorows.jsonl:1: not a SQL row: no 'messages'"),
     # merge
     ("merge: no such run", ["merge", "run=runs/none"], "run directory does not exist: runs/none"),
     ("merge: no run yet", ["merge"], "no run with a trained adapter under runs/"),
@@ -104,7 +109,14 @@ CASES = [
     ("merge: merged already", ["merge", "run=RUN"], "already exists: remove it to merge again"),
     ("merge: truncated adapter", ["merge", "run=COPY"], "cannot read adapter copy/adapter.safetensors: corrupted"),
     # eval
-    ("eval: unknown task", ["eval", "run=RUN", "--tasks", "nope"], "eval.tasks=['nope'] is not allowed"),
+    ("eval: unknown task", ["eval", "run=RUN", "--tasks", "viggoo"],
+     "unknown eval task 'viggoo': neither lotaqaf's (mmlu, ppl, gsm8k, sql, viggo) nor lm-eval's; close: viggo"),
+    ("eval: SQL without its file", ["eval", "run=RUN", "--tasks", "sql"], "sql needs eval.sql_file=FILE (--sql-file)"),
+    ("eval: ViGGO file in another layout", ["eval", "run=RUN", "--tasks", "viggo", "--viggo-file", "sqlrows.jsonl"],
+     "sqlrows.jsonl:1: not a ViGGO row: no 'meaning_representation', 'target'"),
+    ("eval: ViGGO offline", ["eval", "run=RUN", "--tasks", "viggo"], "--viggo-file FILE.jsonl"),
+    ("eval: lm-eval include not a folder", ["eval", "run=RUN", "eval.lm_eval_include=afile"],
+     "eval.lm_eval_include=afile: not a directory of lm-eval task files"),
     ("eval: no such model", ["eval", "--model", "./nowhere"], "--model ./nowhere: no such path"),
     ("eval: negative limit", ["eval", "run=RUN", "--limit", "-1"], "eval.limit=-1 is not allowed"),
     ("eval: missing GSM8K file", ["eval", "run=RUN", "--tasks", "gsm8k", "--gsm8k-file", "none.jsonl"],

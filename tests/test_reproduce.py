@@ -1,16 +1,19 @@
 """scripts/reproduce.py --quick: the reproduction runs end to end on SmolLM2 (INT2, small subset), at
-both precisions.
+both precisions, and --check holds the fp32 run to the committed docs/results/smollm2_quick.json.
 
 Asserts what the issue asks of every submission: the merged LoTA-QAF model scores exactly what its
 adapter model scored (every MMLU prediction and the perplexity), and LoTA-QAF lowers held-out
 perplexity relative to plain GPTQ at INT2.
 """
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 from cli_helpers import load_script
+
+QUICK_REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "results" / "smollm2_quick.json"
 
 
 @pytest.mark.slow
@@ -48,3 +51,53 @@ def test_reproduce_quick(tmp_path, smollm2_loaded, precision):
     assert "| 2 | LoTA-QAF |" in md and "| 2 | LoTA-QAF integer-only |" in md and f"python scripts/reproduce.py --quick --steps 3 --precision {precision}" in md
     assert json.loads(Path(paths[".json"]).read_text())["rows"][0]["method"] == "base"
     assert Path(paths[".png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if precision == "fp32":  # the gate: `reproduce.py --quick --check` on what make test just ran
+        ref = json.loads(QUICK_REFERENCE.read_text())
+        assert ref["command"] == "python scripts/reproduce.py --quick --steps 3 --precision fp32"
+        assert rep.check(res, ref) == []
+
+
+def _check(rep, tmp_path, results: dict, reference: dict, *flags):
+    """`reproduce.py --check REF --results RES` on two JSON files; its exit code."""
+    (tmp_path / "res.json").write_text(json.dumps(results))
+    (tmp_path / "ref.json").write_text(json.dumps(reference))
+    return rep.main(["--check", str(tmp_path / "ref.json"), "--results", str(tmp_path / "res.json"), *flags])
+
+
+def test_check_names_the_row_that_moved(tmp_path, capsys):
+    rep = load_script("reproduce")
+    committed = json.loads(QUICK_REFERENCE.read_text())
+    assert _check(rep, tmp_path, committed, committed) == 0
+
+    tampered = copy.deepcopy(committed)  # the committed LoTA-QAF perplexity edited by 5%
+    row = next(r for r in tampered["rows"] if r["method"] == "lota")
+    row["ppl"] *= 1.05
+    assert _check(rep, tmp_path, committed, tampered) == 1
+    err = capsys.readouterr().err
+    assert "moved: INT2 LoTA-QAF: held-out perplexity" in err and "-4.8%" in err
+    assert err.count("moved:") == 1
+    assert rep.check(committed, tampered, ppl_tol=0.06) == []  # within a wider tolerance
+
+    # an MMLU average 3 standard errors off; a certificate that is not 0; a row missing
+    moved = copy.deepcopy(committed)
+    gptq = next(r for r in moved["rows"] if r["method"] == "gptq")
+    n, p = gptq["n_questions"], gptq["avg"]
+    q = min(max(p, 0.5 / n), 1 - 0.5 / n)
+    gptq["avg"] = p + 3 * (q * (1 - q) / n) ** 0.5
+    moved["merge_checks"][0].update(certificate_max_abs_logit_diff=1e-7, ok=False)
+    moved["rows"] = [r for r in moved["rows"] if r["method"] != "qalora"]
+    lines = rep.check(moved, committed)
+    assert [ln.split(":")[0] for ln in lines] == ["INT2 GPTQ", "INT2 QA-LoRA", "INT2 LoTA-QAF merge"]
+    assert "+3.0 standard errors" in lines[0] and "missing" in lines[1] and "certificate 1e-07" in lines[2]
+
+
+def test_check_refuses_other_settings(tmp_path, capsys):
+    rep = load_script("reproduce")
+    committed = json.loads(QUICK_REFERENCE.read_text())
+    assert _check(rep, tmp_path, committed, committed, "--steps", "5") == 2
+    assert "steps 5 vs the reference's 3" in capsys.readouterr().err
+    other = copy.deepcopy(committed)
+    other["settings"]["limit"] = 4
+    assert _check(rep, tmp_path, other, committed) == 2
+    assert "limit 4 vs the reference's 5" in capsys.readouterr().err
+    assert rep.main(["--check", str(tmp_path / "missing.json")]) == 2

@@ -12,7 +12,8 @@ paper's recovery setting: source 1024, target 256, chat template, prompt masked)
 Sources: ``self_distill`` (offline default: the 16-bit model answers the "train" prompts of the
 bank in :mod:`selfgen`, disjoint from calibration and held-out prompts), ``shipped`` (those answers
 generated once for the embedded model, :mod:`shipped`), ``alpaca`` and ``gsm8k``
-(Hugging Face hub), ``jsonl`` (a local file). MMLU is the evaluation benchmark and is refused as
+(Hugging Face hub), ``viggo`` (GEM/viggo from the hub, or a local file in its layout) and ``sql``
+(HALO's SQL JSONL, a local file), the last two through :mod:`tasks`, and ``jsonl`` (a local file). MMLU is the evaluation benchmark and is refused as
 training data. Nothing here prints; only the loaders touch files or the network.
 """
 
@@ -25,10 +26,11 @@ from pathlib import Path
 import torch
 
 from ..errors import LotaqafError
+from . import tasks
 from .hub_dataset import load_split
 
 IGNORE_INDEX = -100
-SOURCES = ("self_distill", "shipped", "alpaca", "gsm8k", "jsonl")
+SOURCES = ("self_distill", "shipped", "alpaca", "gsm8k", "viggo", "sql", "jsonl")
 HUB_DEFAULTS = {"alpaca": "yahma/alpaca-cleaned", "gsm8k": "openai/gsm8k"}
 
 
@@ -236,6 +238,10 @@ def load_records(source: str, path: str | None = None, n_samples: int | None = N
             raise LotaqafError("data=jsonl needs a path to a .jsonl file")
         _refuse_mmlu(Path(path).name)
         return _sample(load_jsonl(path), n_samples, seed)
+    if source in tasks.TASKS:  # the task's train split from the hub, or a local file in its layout
+        t = tasks.task(source)
+        _refuse_mmlu(path or "")
+        return _sample([tasks.record(t, r) for r in tasks.rows(t, path, t.train_split)], n_samples, seed)
     path = path or HUB_DEFAULTS[source]
     _refuse_mmlu(path)
     if source == "alpaca":

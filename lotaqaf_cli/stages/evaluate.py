@@ -1,15 +1,17 @@
 """Stages `ppl` and `eval`: held-out perplexity of several models, and the recipe's eval tasks.
 
     perplexities(models, windows, batch_size)       -> {label: {ppl, tokens, seconds}}  (the ppl stage)
-    evaluate(model, tokenizer, ev, label, windows)  -> results of ev.tasks (mmlu | gsm8k | ppl)
+    evaluate(model, tokenizer, ev, label, windows)  -> results of ev.tasks (mmlu | ppl | gsm8k | sql | viggo |
+                                                       any task lm-eval knows)
 
-Take the recipe's `ppl` / `eval` sections. The MMLU and GSM8K integrations are in lotaqaf_cli/eval.
+Take the recipe's `ppl` / `eval` sections. The task integrations are in lotaqaf_cli/eval.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -18,9 +20,13 @@ from rich.table import Table
 from .. import ui
 from ..core.perplexity import perplexity
 from ..errors import LotaqafError
+from ..eval import lm_eval_tasks
+from ..eval.generation import eval_rows, evaluate_task
 from ..eval.gsm8k import evaluate_gsm8k
 from ..eval.mmlu import evaluate_mmlu, results_markdown, results_table
 from ..precision import dtype_name
+
+OWN_TASKS = ("mmlu", "ppl", "gsm8k", "sql", "viggo")  # the rest go to lm-eval as they are
 
 
 def perplexities(models: dict, windows: torch.Tensor, batch_size: int) -> dict:
@@ -71,6 +77,22 @@ def evaluate(model, tokenizer, ev: DictConfig, label: str, windows: torch.Tensor
         out["gsm8k"] = res
         ui.say(f"GSM8K 0-shot exact match (number after ####) of {label}: {100 * res['exact_match']:.2f}% "
                f"of {res['n']} questions (flexible extract {100 * res['flexible_extract']:.2f}%)")
+    for name in ("sql", "viggo"):
+        if name in tasks:
+            rows = eval_rows(name, ev[f"{name}_file"], ev.limit)
+            with ui.progress_bar(f"{name} of {label}, greedy", len(rows), unit="items") as adv:
+                out[name] = res = evaluate_task(model, tokenizer, name, rows, ev[f"{name}_file"], ev.batch_size,
+                                                ev.max_length, progress=adv)
+            ui.say(f"{name} 0-shot exact match of {label}: {100 * res['exact_match']:.2f}% of {res['n']} items "
+                   f"(greedy, up to {ev.max_length} tokens)")
+    passed = [t for t in tasks if t not in OWN_TASKS]
+    if passed:
+        with _lm_eval_status(f"{', '.join(passed)} of {label}"):
+            res = lm_eval_tasks.evaluate(model, tokenizer, passed, limit=ev.limit, batch_size=ev.batch_size,
+                                         include_path=ev.lm_eval_include and str(Path(ev.lm_eval_include).expanduser().resolve()))
+        out["lm_eval"] = res
+        for task, metrics in res["results"].items():
+            ui.say(f"{task} of {label}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if "ppl" in tasks:
         if windows is None:
             raise LotaqafError("ppl needs the run's held-out text (run `lotaqaf train` with the ppl stage first)")

@@ -1,0 +1,75 @@
+"""Any other task lm-eval knows, passed through with the run's model: ``lotaqaf eval --tasks arc_easy``.
+
+lotaqaf's own tasks (mmlu, ppl, gsm8k, sql, viggo) have their own integrations; every other name
+goes to lm-eval's ``simple_evaluate`` as it is, with the model in memory, the task's own few-shot
+setting (``eval.num_fewshot`` is MMLU's) and ``eval.limit``. ``eval.lm_eval_include`` adds a folder of
+task YAML files (lm-eval's include_path), e.g. a task on local data. lm-eval indexes its ~15k task
+files once per process (seconds). Nothing is written here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import functools
+import time
+
+from ..errors import LotaqafError
+from .harness import lm_eval_version, offline_env, quiet_libraries
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: str | None):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path) if include_path else TaskManager()
+
+
+def known(include_path: str | None = None) -> list[str]:
+    """Every task, group and tag name lm-eval knows (with the include folder's)."""
+    return list(_task_manager(include_path).all_tasks)
+
+
+def check(names: list[str], own: tuple[str, ...], include_path: str | None = None) -> None:
+    """One-line LotaqafError for a name that is neither lotaqaf's nor lm-eval's, naming close ones."""
+    others = [n for n in names if n not in own]
+    if not others:
+        return
+    try:
+        every = known(include_path)
+    except ImportError:
+        raise LotaqafError(f"eval task '{others[0]}' is not one of lotaqaf's ({', '.join(own)}) and lm-eval is "
+                           "not installed") from None
+    for n in others:
+        if n not in every:
+            close = difflib.get_close_matches(n, [*own, *every], n=4, cutoff=0.6)
+            raise LotaqafError(f"unknown eval task '{n}': neither lotaqaf's ({', '.join(own)}) nor lm-eval's"
+                               + (f"; close: {', '.join(close)}" if close else ""))
+
+
+def evaluate(model, tokenizer, names: list[str], limit: int | None = None, batch_size: int = 4,
+             include_path: str | None = None) -> dict:
+    """``names`` through lm-eval on the in-memory model: ``{task: {metric: value}}`` plus the settings."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    if tokenizer is None:
+        raise LotaqafError("lm-eval tasks need a tokenizer; this model has none")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    t0 = time.time()
+    with contextlib.ExitStack() as stack:
+        from ..hub import hub_reachable
+
+        stack.enter_context(offline_env(not hub_reachable()))  # fail in a second, not after retries
+        stack.enter_context(quiet_libraries())
+        try:
+            out = simple_evaluate(model=lm, tasks=list(names), limit=limit, task_manager=_task_manager(include_path),
+                                  bootstrap_iters=0, random_seed=0, numpy_random_seed=1234, torch_random_seed=1234,
+                                  fewshot_random_seed=1234)
+        except (ConnectionError, OSError) as e:
+            raise LotaqafError(f"lm-eval could not load the data of {', '.join(names)}: {str(e).splitlines()[0]} "
+                               "(offline: give a task on local data with eval.lm_eval_include=DIR)") from None
+    results = {task: {k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+               for task, r in out["results"].items()}
+    return {"tasks": list(names), "results": results, "n_samples": out.get("n-samples", {}), "limit": limit,
+            "lm_eval_version": lm_eval_version(), "seconds": round(time.time() - t0, 2)}

@@ -19,7 +19,6 @@ from .errors import LotaqafError
 GROUPS = ("model", "quant", "calib", "adapter", "optim", "data", "eval", "recipe")
 DEFAULT_RECIPE = "smollm2_mmlu"
 STAGES = ("quantize", "train", "ppl", "merge", "eval")   # what `lotaqaf train` may chain
-EVAL_TASKS = ("mmlu", "ppl", "gsm8k", "sql", "viggo")   # lotaqaf's own; any other name is lm-eval's
 EXPORT_FORMATS = ("gguf", "torchao", "gptq", "hf16")
 
 
@@ -324,19 +323,21 @@ def _validate_joint(cfg: DictConfig, command: str) -> None:
 
 def _check_eval_tasks(ev: DictConfig) -> None:
     """Every task is lotaqaf's or lm-eval's, and lotaqaf's task-specific ones have their data."""
+    from .data.tasks import TASKS
     from .eval import lm_eval_tasks
     from .hub import hub_reachable
 
     tasks = list(ev.tasks)
     if ev.lm_eval_include is not None and not Path(ev.lm_eval_include).expanduser().is_dir():
         raise LotaqafError(f"eval.lm_eval_include={ev.lm_eval_include}: not a directory of lm-eval task files")
-    lm_eval_tasks.check(tasks, EVAL_TASKS, ev.lm_eval_include and str(Path(ev.lm_eval_include).expanduser().resolve()))
+    lm_eval_tasks.check(tasks, lm_eval_tasks.include_path(ev.lm_eval_include))
     if "sql" in tasks and ev.sql_file is None:
         raise LotaqafError("sql needs eval.sql_file=FILE (--sql-file): the paper's SQL test data is HALO's "
                            "data/sql/valid.jsonl (IST-DASLab/HALO), which is not on the hub")
-    if "viggo" in tasks and ev.viggo_file is None and not hub_reachable():
-        raise LotaqafError("viggo needs the Hugging Face hub (GEM/viggo), which is unreachable; offline, give a "
-                           "local copy in GEM/viggo's layout with --viggo-file FILE.jsonl")
+    for t in TASKS.values():
+        if t.name in tasks and t.hub and ev[f"{t.name}_file"] is None and not hub_reachable():
+            raise LotaqafError(f"{t.name} needs the Hugging Face hub ({t.hub}), which is unreachable; offline, give a "
+                               f"local copy in its layout with --{t.name}-file FILE.jsonl")
 
 
 def _check_shipped(cfg: DictConfig, command: str) -> None:

@@ -284,6 +284,15 @@ def test_every_recipe_key_is_read(tmp_path, monkeypatch, key_reads):
                                                   for a, b in zip(corpus()[::2], corpus()[1::2], strict=True)))
     (tmp_path / "gsm8k.jsonl").write_text(json.dumps({"question": "What is 1 + 2?", "answer": "1 + 2 = 3\n#### 3"})
                                           + "\n")
+    (tmp_path / "sql.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "Write a SQL query."},
+                                                                  {"role": "assistant", "content": "SELECT 1"}]}) + "\n")
+    (tmp_path / "viggo.jsonl").write_text(json.dumps({"meaning_representation": "inform(name[A])", "target": "A."}) + "\n")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "mc.jsonl").write_text(json.dumps({"q": "The sky is", "choices": [" blue", " red"], "a": 0}) + "\n")
+    (tmp_path / "tasks" / "mc.yaml").write_text(
+        f"task: lotaqaf_tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'mc.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{a}}'\nmetric_list:\n  - metric: acc\n")
     small = ["quant.batch_size=4", "calib.n_samples=4", "calib.seq_len=32", "ppl.n_samples=2", "ppl.seq_len=32",
              "optim.steps=2", "optim.batch_size=2", "data.n_samples=4", "data.source_len=32", "data.target_len=16"]
     commands = [
@@ -296,8 +305,10 @@ def test_every_recipe_key_is_read(tmp_path, monkeypatch, key_reads):
         ("merge", ["recipe=smoke", "run.dir=runs/tiny"]),
         ("merge", ["recipe=smoke", "run.dir=runs/tiny", "merge.unmerge=true"]),
         ("eval", ["recipe=smoke", "run.dir=runs/tiny", "eval.model=adapter", "eval.tasks=[ppl]"]),
-        ("eval", ["recipe=smoke", f"eval.model={tiny}", "eval.tasks=[mmlu,gsm8k]", "eval.limit=1",
-                  "eval.engine=fast", f"eval.gsm8k_file={tmp_path / 'gsm8k.jsonl'}"]),
+        ("eval", ["recipe=smoke", f"eval.model={tiny}", "eval.tasks=[mmlu,gsm8k,sql,viggo,lotaqaf_tiny_mc]",
+                  "eval.limit=1", "eval.engine=fast", f"eval.gsm8k_file={tmp_path / 'gsm8k.jsonl'}",
+                  f"eval.sql_file={tmp_path / 'sql.jsonl'}", f"eval.viggo_file={tmp_path / 'viggo.jsonl'}",
+                  "eval.max_length=200", f"eval.lm_eval_include={tmp_path / 'tasks'}"]),
         ("export", ["recipe=smoke", "run.dir=runs/tiny", "export.format=hf16"]),
     ]
     for command, overrides in commands:

@@ -178,7 +178,8 @@ def test_hub_loader_local_file(tmp_path):
     p = tmp_path / "gsm.jsonl"
     p.write_text("\n".join(json.dumps({"question": f"q{i}", "answer": f"r\n#### {i}"}) for i in range(5)) + "\n")
     recs = load_records("gsm8k", str(p), n_samples=3, seed=0)
-    assert len(recs) == 3 and all(r["messages"][1]["content"].startswith("r\n#### ") for r in recs)
+    assert len(recs) == 3 and all(r["messages"][-1]["content"].startswith("r\n#### ") for r in recs)
+    assert all([m["role"] for m in r["messages"]] == ["system", "user", "assistant"] for r in recs)
 
 
 # --------------------------------------------------------------------------- self-distillation

@@ -1,4 +1,4 @@
-"""The task-specific tasks beside GSM8K (SQL, ViGGO): layouts, prompts, the exact-match rules, greedy
+"""The task-specific tasks (GSM8K, SQL, ViGGO): layouts, prompts, the exact-match rules, greedy
 generation against an independent token-by-token decode, training records, the shipped synthetic task,
 and the lm-eval passthrough against log-likelihoods computed here."""
 
@@ -16,8 +16,14 @@ from lotaqaf_cli.data.shipped import DIR as SHIPPED
 from lotaqaf_cli.errors import LotaqafError
 from lotaqaf_cli.eval import generation, lm_eval_tasks
 
-# Hand-written rows in the upstream layouts (not the datasets' data): GEM/viggo's fields, and HALO's
-# data/sql JSONL (a user turn with the CREATE TABLE context and the question, the query as the answer).
+# Hand-written rows in the upstream layouts (not the datasets' data): openai/gsm8k's and GEM/viggo's fields,
+# and HALO's data/sql JSONL (a user turn with the CREATE TABLE context and the question, the query as the answer).
+GSM8K_ROWS = [
+    {"question": "Tom has 3 apples and buys 2 more. How many apples does he have now?",
+     "answer": "He has 3 + 2 = <<3+2=5>>5 apples.\n#### 5"},
+    {"question": "A box holds 12 pencils. How many pencils are in 3 boxes?",
+     "answer": "3 boxes hold 3 * 12 = <<3*12=36>>36 pencils.\n#### 36"},
+]
 VIGGO_ROWS = [
     {"gem_id": "viggo-test-0", "meaning_representation": "inform(name[Moon Garden], release_year[2011], genres[puzzle, indie])",
      "target": "Moon Garden is an indie puzzle game from 2011.", "references": ["Moon Garden is an indie puzzle game from 2011."]},
@@ -56,6 +62,14 @@ def test_viggo_match(pred, ok):
     assert generation.viggo_match(pred, "inform(name[A], release_year[2011], genres[puzzle, indie])") is ok
 
 
+def test_gsm8k_match():
+    label = GSM8K_ROWS[0]["answer"]
+    assert generation.gsm8k_match("3 + 2 = 5.\n#### 5 ", label)
+    assert generation.gsm8k_match("#### 2\nno, #### 5", label)          # the last "####"
+    assert not generation.gsm8k_match("#### 5.0", label)                # a string, not a number
+    assert not generation.gsm8k_match("The answer is 5", label)         # no "####": the whole text
+
+
 def test_sql_match():
     assert generation.sql_match(" SELECT a FROM t\n", "SELECT a FROM t")
     assert not generation.sql_match("select a FROM t", "SELECT a FROM t")
@@ -73,6 +87,8 @@ def test_rows_in_the_wrong_layout_are_one_line(tmp_path):
         tasks.read_rows(s, _write(tmp_path / "x.jsonl", [{"messages": SQL_ROWS[0]["messages"][:1]}]))
     with pytest.raises(LotaqafError, match=r"not a SQL row: no 'messages'"):
         tasks.read_rows(s, _write(tmp_path / "x.jsonl", VIGGO_ROWS))
+    with pytest.raises(LotaqafError, match=r"x.jsonl:1: not a GSM8K row: no 'answer'"):
+        tasks.read_rows(tasks.task("gsm8k"), _write(tmp_path / "x.jsonl", [{"question": "q"}]))
     (tmp_path / "bad.jsonl").write_text('{"target": \n')
     with pytest.raises(LotaqafError, match=r"bad.jsonl:1: invalid JSON"):
         tasks.read_rows(v, tmp_path / "bad.jsonl")
@@ -123,7 +139,7 @@ def _reference_greedy(model, tok, ids: list[int], max_length: int) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,rows", [("viggo", VIGGO_ROWS), ("sql", SQL_ROWS)])
+@pytest.mark.parametrize("name,rows", [("gsm8k", GSM8K_ROWS), ("viggo", VIGGO_ROWS), ("sql", SQL_ROWS)])
 def test_exact_match_of_independent_greedy(tmp_path, smollm2_loaded, name, rows):
     model, tok = smollm2_loaded.model.eval(), smollm2_loaded.tokenizer
     t = tasks.task(name)
@@ -136,10 +152,10 @@ def test_exact_match_of_independent_greedy(tmp_path, smollm2_loaded, name, rows)
     expected = [_reference_greedy(model, tok, p, max_length) for p in prompts]
     # the first row's answer is set to what the model writes, so that one item matches and one does not
     rows = [json.loads(json.dumps(r)) for r in rows]
-    if name == "viggo":
-        rows[0]["meaning_representation"] = expected[0]
-    else:
+    if name == "sql":
         rows[0]["messages"][1]["content"] = expected[0]
+    else:
+        rows[0]["answer" if name == "gsm8k" else "meaning_representation"] = expected[0]
     path = _write(tmp_path / f"{name}.jsonl", rows)
     res = generation.evaluate_task(model, tok, name, generation.eval_rows(name, path), batch_size=2,
                                    max_length=max_length)
@@ -171,8 +187,8 @@ TINY_DOCS = [{"question": "The capital of France is", "choices": [" Paris", " a 
 
 def test_unknown_task_names_close_ones():
     with pytest.raises(LotaqafError, match=r"unknown eval task 'viggoo'.*close: viggo"):
-        lm_eval_tasks.check(["mmlu", "viggoo"], ("mmlu", "ppl", "gsm8k", "sql", "viggo"))
-    lm_eval_tasks.check(["mmlu", "arc_easy"], ("mmlu",))  # an lm-eval task passes
+        lm_eval_tasks.check(["mmlu", "viggoo"])
+    lm_eval_tasks.check(["mmlu", "arc_easy"])  # an lm-eval task passes
 
 
 @pytest.mark.slow
@@ -184,7 +200,7 @@ def test_lm_eval_task_passes_through(tmp_path, smollm2_loaded):
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "tiny.yaml").write_text(TINY_TASK.format(data=data))
     include = str(tmp_path / "tasks")
-    lm_eval_tasks.check(["lotaqaf_tiny_mc"], ("mmlu",), include)
+    lm_eval_tasks.check(["lotaqaf_tiny_mc"], include)
     res = lm_eval_tasks.evaluate(model, tok, ["lotaqaf_tiny_mc"], batch_size=1, include_path=include)
     correct = []
     with torch.no_grad():
@@ -208,8 +224,8 @@ def test_train_on_a_task_file_then_eval_sql_and_viggo(tmp_path):
     ViGGO prompt alone is longer, so its answer is empty) to keep the test quick."""
     sql, viggo = _write(tmp_path / "sql.jsonl", SQL_ROWS), _write(tmp_path / "viggo.jsonl", VIGGO_ROWS)
     run_commands_in(tmp_path, [
-        ["train", "recipe=smollm2_viggo_synth", "data=sql", f"data.path={sql}", "quant.method=rtn", "optim.steps=1",
-         "optim.batch_size=2", "stages=[quantize,train]", "run.dir=runs/t"],
+        ["train", "recipe=smollm2_viggo_synth", "data=sql", f"data.path={sql}", "quant.method=rtn", "calib.n_samples=2",
+         "calib.seq_len=32", "optim.steps=1", "optim.batch_size=2", "stages=[quantize,train]", "run.dir=runs/t"],
         ["eval", "run=runs/t", "--model", "adapter", "--tasks", "sql,viggo", "--sql-file", str(sql), "--viggo-file",
          str(viggo), "--limit", "1", "eval.max_length=96"]])
     out = json.loads((tmp_path / "runs/t/eval-adapter.json").read_text())

@@ -11,9 +11,9 @@ paper's recovery setting: source 1024, target 256, chat template, prompt masked)
 
 Sources: ``self_distill`` (offline default: the 16-bit model answers the "train" prompts of the
 bank in :mod:`selfgen`, disjoint from calibration and held-out prompts), ``shipped`` (those answers
-generated once for the embedded model, :mod:`shipped`), ``alpaca`` and ``gsm8k``
-(Hugging Face hub), ``viggo`` (GEM/viggo from the hub, or a local file in its layout) and ``sql``
-(HALO's SQL JSONL, a local file), the last two through :mod:`tasks`, and ``jsonl`` (a local file). MMLU is the evaluation benchmark and is refused as
+generated once for the embedded model, :mod:`shipped`), ``alpaca`` (Hugging Face hub), the tasks
+of :mod:`tasks` (``gsm8k`` and ``viggo`` from the hub or a local file in their layout, ``sql`` from
+HALO's JSONL, a local file), and ``jsonl`` (a local file). MMLU is the evaluation benchmark and is refused as
 training data. Nothing here prints; only the loaders touch files or the network.
 """
 
@@ -31,7 +31,7 @@ from .hub_dataset import load_split
 
 IGNORE_INDEX = -100
 SOURCES = ("self_distill", "shipped", "alpaca", "gsm8k", "viggo", "sql", "jsonl")
-HUB_DEFAULTS = {"alpaca": "yahma/alpaca-cleaned", "gsm8k": "openai/gsm8k"}
+HUB_DEFAULTS = {"alpaca": "yahma/alpaca-cleaned"}
 
 
 # --------------------------------------------------------------------------- records
@@ -95,6 +95,28 @@ def _ids(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
+def _chat_text(tokenizer, turns: list[dict], generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # jinja2 TemplateError and friends (e.g. a role the template refuses)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LotaqafError(f"the chat template cannot render this conversation: {first[:200]}") from None
+
+
+def _plain_prompt(turns: list[dict]) -> str:
+    """The prompt of a tokenizer without a chat template: the non-empty turns, a blank line apart."""
+    return "\n\n".join(m["content"] for m in turns if m["content"]) + "\n"
+
+
+def prompt_ids(tokenizer, turns: list[dict]) -> list[int]:
+    """The token ids of the turns before an answer, as :func:`split_prompt_target` renders them: with the
+    chat template and its generation prompt, tokenized without adding special tokens; without one, the
+    plain prompt with the tokenizer's usual special tokens (what evaluation feeds the model)."""
+    if getattr(tokenizer, "chat_template", None):
+        return _ids(tokenizer, _chat_text(tokenizer, turns, True), add_special_tokens=False)
+    return _ids(tokenizer, _plain_prompt(turns), add_special_tokens=True)
+
+
 def split_prompt_target(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     """(prompt ids, target ids) of a conversation, untruncated; their concatenation is the token
     sequence of the whole conversation.
@@ -103,24 +125,19 @@ def split_prompt_target(tokenizer, messages: list[dict]) -> tuple[list[int], lis
     ``apply_chat_template(messages, tokenize=True)`` does, and split after the longest prefix it
     shares with the rendering of ``messages[:-1]`` plus the generation prompt, so the target is the
     assistant content and the end-of-turn token(s) as the template writes them. Without one:
-    ``prompt + "\\n"`` (with the tokenizer's usual special tokens) then ``answer + eos``.
+    the non-empty turns a blank line apart and ``"\\n"`` (with the tokenizer's usual special tokens),
+    then ``answer + eos``.
     """
     if not messages or messages[-1].get("role") != "assistant":
         raise LotaqafError("the last message must be the assistant's answer")
     if getattr(tokenizer, "chat_template", None):
-        try:
-            full_text = tokenizer.apply_chat_template(messages, tokenize=False)
-            prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # jinja2 TemplateError and friends (e.g. a role the template refuses)
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise LotaqafError(f"the chat template cannot render this conversation: {first[:200]}") from None
-        full = _ids(tokenizer, full_text, add_special_tokens=False)
-        prompt = _ids(tokenizer, prompt_text, add_special_tokens=False)
+        full = _ids(tokenizer, _chat_text(tokenizer, messages, False), add_special_tokens=False)
+        prompt = prompt_ids(tokenizer, messages[:-1])
         cut = _common_prefix(full, prompt)
         if cut == len(full):
             raise LotaqafError("the chat template renders no tokens for the assistant answer")
         return full[:cut], full[cut:]
-    prompt_text = "\n\n".join(m["content"] for m in messages[:-1]) + "\n"
+    prompt_text = _plain_prompt(messages[:-1])
     answer = messages[-1]["content"]
     full = _ids(tokenizer, prompt_text + answer, add_special_tokens=True)
     prompt = _ids(tokenizer, prompt_text, add_special_tokens=True)
@@ -223,8 +240,9 @@ def _rows_to_records(ds, prompt_key: str, answer_key: str, input_key: str | None
 
 
 def load_records(source: str, path: str | None = None, n_samples: int | None = None, seed: int = 0) -> list[dict]:
-    """Training records (``{"messages": [...]}``) from ``alpaca`` / ``gsm8k`` (hub id or local file
-    in ``path``; defaults yahma/alpaca-cleaned, openai/gsm8k "main" train) or ``jsonl``.
+    """Training records (``{"messages": [...]}``) from ``alpaca`` (hub id or local file in ``path``;
+    default yahma/alpaca-cleaned), a task of :mod:`tasks` (its train split, or a local file in its
+    layout) or ``jsonl``.
 
     With ``n_samples`` set, a seeded random subset of that size (all records, shuffled, when there
     are fewer). ``self_distill`` needs the model: use :func:`self_distill_records`.
@@ -244,13 +262,7 @@ def load_records(source: str, path: str | None = None, n_samples: int | None = N
         return _sample([tasks.record(t, r) for r in tasks.rows(t, path, t.train_split)], n_samples, seed)
     path = path or HUB_DEFAULTS[source]
     _refuse_mmlu(path)
-    if source == "alpaca":
-        ds = load_split(path, None, "train")
-        records = _rows_to_records(ds, "instruction", "output", "input")
-    else:
-        is_default = path == HUB_DEFAULTS["gsm8k"]
-        ds = load_split(path, "main" if is_default else None, "train")
-        records = _rows_to_records(ds, "question", "answer", None)
+    records = _rows_to_records(load_split(path, None, "train"), "instruction", "output", "input")
     if not records:
         raise LotaqafError(f"dataset '{path}' yielded no usable records")
     return _sample(records, n_samples, seed)

@@ -1,5 +1,8 @@
-"""The task-specific datasets of the paper's Table 1 besides GSM8K: their layouts, prompts and targets.
+"""The task-specific datasets of the paper's Table 1: their layouts, prompts and answers.
 
+    gsm8k   openai/gsm8k, config "main" (hub; train 7473 / test 1319): a grade-school word problem ->
+            its worked answer ending in "#### N". Rows: ``{"question", "answer"}``; the prompt is the
+            question as it is, the answer the whole worked answer.
     viggo   GEM/viggo (hub; train 5103 / validation 714 / test 1083): a sentence about a video game ->
             its meaning representation, e.g. ``inform(name[Dirt: Showdown], release_year[2012], ...)``.
             Rows: ``{"gem_id", "meaning_representation", "target", "references"}``; the input is
@@ -10,7 +13,7 @@
             turn is "Write a SQL query to answer the question based on the table schema.\\n\\n context:
             ...\\n\\n question: ..." and whose assistant turn is the query.
 
-Both go through the chat template as the paper trains: an empty system turn, then the user prompt;
+All go through the chat template as the paper trains: an empty system turn, then the user prompt;
 the answer is the assistant turn (its prompt tokens masked in training). Evaluation renders the same
 turns with the generation prompt (docs/decisions.md: why the system turn is kept at evaluation).
 The prompts are the protocol's (HALO's preprocessing, reused by the LoTA-QAF authors' evaluation).
@@ -44,22 +47,27 @@ class TaskData:
     name: str
     title: str
     hub: str | None            # hub dataset id; None: a local file only
+    hub_config: str | None
     train_split: str
     eval_split: str
     fields: tuple[str, ...]    # what a row of the layout must have
     layout: str                # the layout, in words, for error messages
 
     def prompt(self, row: dict) -> str:
-        return VIGGO_PROMPT.format(target=row["target"]) if self.name == "viggo" else row["messages"][0]["content"]
+        return {"gsm8k": lambda: row["question"], "viggo": lambda: VIGGO_PROMPT.format(target=row["target"]),
+                "sql": lambda: row["messages"][0]["content"]}[self.name]()
 
     def answer(self, row: dict) -> str:
-        return row["meaning_representation"] if self.name == "viggo" else row["messages"][1]["content"]
+        return {"gsm8k": lambda: row["answer"], "viggo": lambda: row["meaning_representation"],
+                "sql": lambda: row["messages"][1]["content"]}[self.name]()
 
 
 TASKS = {
-    "viggo": TaskData("viggo", "ViGGO", "GEM/viggo", "train", "test", ("meaning_representation", "target"),
+    "gsm8k": TaskData("gsm8k", "GSM8K", "openai/gsm8k", "main", "train", "test", ("question", "answer"),
+                      "openai/gsm8k's (question, answer)"),
+    "viggo": TaskData("viggo", "ViGGO", "GEM/viggo", None, "train", "test", ("meaning_representation", "target"),
                       "GEM/viggo's (gem_id, meaning_representation, target, references)"),
-    "sql": TaskData("sql", "SQL", None, "train", "valid", ("messages",),
+    "sql": TaskData("sql", "SQL", None, None, "train", "valid", ("messages",),
                     "HALO's data/sql JSONL ({\"messages\": [user question with its CREATE TABLE context, "
                     "assistant query]})"),
 }
@@ -79,7 +87,7 @@ def check_row(t: TaskData, row) -> None:
     if missing:
         raise LotaqafError(f"not a {t.title} row: no {', '.join(repr(f) for f in missing)} "
                            f"(has: {', '.join(sorted(map(str, row))) or 'none'}; expected {t.layout})")
-    if t.name == "viggo":
+    if t.name != "sql":
         for f in t.fields:
             if not isinstance(row[f], str) or not row[f].strip():
                 raise LotaqafError(f"not a {t.title} row: '{f}' must be a non-empty string")
@@ -118,9 +126,8 @@ def read_rows(t: TaskData, path: str | Path) -> list[dict]:
 
 def hub_rows(t: TaskData, split: str) -> list[dict]:
     """The rows of a hub split (one-line errors when the hub is unreachable)."""
-    from .hub_dataset import load_split
-
     from ..hub import hub_reachable
+    from .hub_dataset import load_split
 
     if t.hub is None:
         raise LotaqafError(f"{t.title} data is not on the hub: give the local file ({t.layout})")
@@ -128,14 +135,15 @@ def hub_rows(t: TaskData, split: str) -> list[dict]:
         raise LotaqafError(f"{t.title} needs the Hugging Face hub ({t.hub}), which is unreachable; offline, give a "
                            f"local copy in {t.layout} layout (data.path=FILE to train, eval.{t.name}_file=FILE to "
                            "evaluate)")
-    rows = list(load_split(t.hub, None, split))
+    rows = list(load_split(t.hub, t.hub_config, split))
     for row in rows[:1]:
         check_row(t, row)
     return rows
 
 
 def rows(t: TaskData, path: str | None, split: str) -> list[dict]:
-    return read_rows(t, path) if path else hub_rows(t, split)
+    """A local file's rows, or the hub split's when ``path`` is None or the task's hub id."""
+    return hub_rows(t, split) if path in (None, t.hub) else read_rows(t, path)
 
 
 def prompt_messages(t: TaskData, row: dict) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Task-specific exact match (SQL, ViGGO) of an in-memory model: 0-shot greedy generation.
+"""Task-specific exact match (GSM8K, SQL, ViGGO) of an in-memory model: 0-shot greedy generation.
 
 The protocol of the paper's Table 1 (HALO's evaluation code, which the LoTA-QAF authors reuse):
 greedy decoding up to ``max_length`` tokens in all (prompt + answer, as transformers' ``max_length``;
@@ -6,6 +6,7 @@ greedy decoding up to ``max_length`` tokens in all (prompt + answer, as transfor
 stopping at the tokenizer's end-of-sequence token; the answer is the generated
 text decoded without special tokens and stripped. Scores:
 
+    gsm8k   the text after the last "####" (the whole answer when there is none), stripped
     sql     the exact string (after stripping both)
     viggo   the function name (the text before the first "("), then the attribute pieces: the text
             inside the outer parentheses split at every comma, each piece stripped, compared as
@@ -13,7 +14,7 @@ text decoded without special tokens and stripped. Scores:
 
 Prompts are rendered with the chat template exactly as training renders them (data/tasks.py) and
 tokenized without adding special tokens, so the model sees at evaluation the ids it was trained on.
-GSM8K goes through lm-eval's own task (eval/gsm8k.py). Nothing is written here.
+Nothing is written here.
 """
 
 from __future__ import annotations
@@ -23,9 +24,14 @@ import time
 import torch
 
 from ..data import tasks as task_data
+from ..data.sft import prompt_ids
 from ..errors import LotaqafError
 
 MAX_LENGTH = 512
+
+
+def gsm8k_match(pred: str, label: str) -> bool:
+    return pred.split("####")[-1].strip() == label.split("####")[-1].strip()
 
 
 def sql_match(pred: str, label: str) -> bool:
@@ -44,16 +50,7 @@ def viggo_match(pred: str, label: str) -> bool:
     return _viggo_parts(pred) == _viggo_parts(label)
 
 
-MATCH = {"sql": sql_match, "viggo": viggo_match}
-
-
-def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """The prompt's token ids: the turns with the generation prompt, as training's prompt part."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    text = "\n\n".join(m["content"] for m in messages if m["content"]) + "\n"
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+MATCH = {"gsm8k": gsm8k_match, "sql": sql_match, "viggo": viggo_match}
 
 
 @torch.no_grad()
@@ -99,13 +96,13 @@ def eval_rows(name: str, data_file=None, limit: int | None = None) -> list[dict]
 
 def evaluate_task(model, tokenizer, name: str, rows: list[dict], data_file=None, batch_size: int = 8,
                   max_length: int = MAX_LENGTH, progress=None) -> dict:
-    """0-shot greedy exact match of task ``name`` (sql | viggo) on ``rows`` (:func:`eval_rows`). Returns a
+    """0-shot greedy exact match of task ``name`` (gsm8k | sql | viggo) on ``rows`` (:func:`eval_rows`). Returns a
     JSON-ready dict with ``exact_match``, ``n`` and per-item ``samples`` (index, target, generated,
     exact_match)."""
     t = task_data.task(name)
     if tokenizer is None:
         raise LotaqafError(f"{t.title} needs a tokenizer; this model has none")
-    prompts = [render_prompt(tokenizer, task_data.prompt_messages(t, r)) for r in rows]
+    prompts = [prompt_ids(tokenizer, task_data.prompt_messages(t, r)) for r in rows]
     t0 = time.time()
     model.eval()
     generated = greedy_generate(model, tokenizer, prompts, max_length, batch_size, progress)

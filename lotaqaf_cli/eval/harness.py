@@ -1,4 +1,4 @@
-"""What the lm-eval integrations (:mod:`lotaqaf_cli.eval.mmlu`, :mod:`lotaqaf_cli.eval.gsm8k`) share:
+"""What the lm-eval integrations (:mod:`lotaqaf_cli.eval.mmlu`, :mod:`lotaqaf_cli.eval.lm_eval_tasks`) share:
 the installed lm-eval version, the offline environment for local data and the quieting of the
 libraries' logging while lm-eval runs in this process."""
 

@@ -1,7 +1,7 @@
 """Any other task lm-eval knows, passed through with the run's model: ``lotaqaf eval --tasks arc_easy``.
 
-lotaqaf's own tasks (mmlu, ppl, gsm8k, sql, viggo) have their own integrations; every other name
-goes to lm-eval's ``simple_evaluate`` as it is, with the model in memory, the task's own few-shot
+lotaqaf's own tasks (mmlu, ppl, gsm8k, sql, viggo) have their own integrations (lm-eval's own
+``gsm8k`` is shadowed by ours: its variants, e.g. gsm8k_cot, pass through); every other name goes to lm-eval's ``simple_evaluate`` as it is, with the model in memory, the task's own few-shot
 setting (``eval.num_fewshot`` is MMLU's) and ``eval.limit``. ``eval.lm_eval_include`` adds a folder of
 task YAML files (lm-eval's include_path), e.g. a task on local data. lm-eval indexes its ~15k task
 files once per process (seconds). Nothing is written here.
@@ -13,9 +13,17 @@ import contextlib
 import difflib
 import functools
 import time
+from pathlib import Path
 
 from ..errors import LotaqafError
 from .harness import lm_eval_version, offline_env, quiet_libraries
+
+OWN_TASKS = ("mmlu", "ppl", "gsm8k", "sql", "viggo")  # lotaqaf's own integrations; any other name is lm-eval's
+
+
+def include_path(folder: str | None) -> str | None:
+    """``eval.lm_eval_include`` as the absolute folder lm-eval's TaskManager takes (None: none)."""
+    return str(Path(folder).expanduser().resolve()) if folder else None
 
 
 @functools.lru_cache(maxsize=4)
@@ -30,7 +38,7 @@ def known(include_path: str | None = None) -> list[str]:
     return list(_task_manager(include_path).all_tasks)
 
 
-def check(names: list[str], own: tuple[str, ...], include_path: str | None = None) -> None:
+def check(names: list[str], include_path: str | None = None, own: tuple[str, ...] = OWN_TASKS) -> None:
     """One-line LotaqafError for a name that is neither lotaqaf's nor lm-eval's, naming close ones."""
     others = [n for n in names if n not in own]
     if not others:

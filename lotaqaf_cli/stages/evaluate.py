@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -22,11 +21,8 @@ from ..core.perplexity import perplexity
 from ..errors import LotaqafError
 from ..eval import lm_eval_tasks
 from ..eval.generation import eval_rows, evaluate_task
-from ..eval.gsm8k import evaluate_gsm8k
 from ..eval.mmlu import evaluate_mmlu, results_markdown, results_table
 from ..precision import dtype_name
-
-OWN_TASKS = ("mmlu", "ppl", "gsm8k", "sql", "viggo")  # the rest go to lm-eval as they are
 
 
 def perplexities(models: dict, windows: torch.Tensor, batch_size: int) -> dict:
@@ -71,13 +67,7 @@ def evaluate(model, tokenizer, ev: DictConfig, label: str, windows: torch.Tensor
         if not ui.quiet():
             ui.console.print(results_table(res))
         out["mmlu_markdown"] = results_markdown(res)
-    if "gsm8k" in tasks:
-        with _lm_eval_status(f"GSM8K of {label}"):
-            res = evaluate_gsm8k(model, tokenizer, limit=ev.limit, batch_size=ev.batch_size, data_file=ev.gsm8k_file)
-        out["gsm8k"] = res
-        ui.say(f"GSM8K 0-shot exact match (number after ####) of {label}: {100 * res['exact_match']:.2f}% "
-               f"of {res['n']} questions (flexible extract {100 * res['flexible_extract']:.2f}%)")
-    for name in ("sql", "viggo"):
+    for name in ("gsm8k", "sql", "viggo"):
         if name in tasks:
             rows = eval_rows(name, ev[f"{name}_file"], ev.limit)
             with ui.progress_bar(f"{name} of {label}, greedy", len(rows), unit="items") as adv:
@@ -85,11 +75,11 @@ def evaluate(model, tokenizer, ev: DictConfig, label: str, windows: torch.Tensor
                                                 ev.max_length, progress=adv)
             ui.say(f"{name} 0-shot exact match of {label}: {100 * res['exact_match']:.2f}% of {res['n']} items "
                    f"(greedy, up to {ev.max_length} tokens)")
-    passed = [t for t in tasks if t not in OWN_TASKS]
+    passed = [t for t in tasks if t not in lm_eval_tasks.OWN_TASKS]
     if passed:
         with _lm_eval_status(f"{', '.join(passed)} of {label}"):
             res = lm_eval_tasks.evaluate(model, tokenizer, passed, limit=ev.limit, batch_size=ev.batch_size,
-                                         include_path=ev.lm_eval_include and str(Path(ev.lm_eval_include).expanduser().resolve()))
+                                         include_path=lm_eval_tasks.include_path(ev.lm_eval_include))
         out["lm_eval"] = res
         for task, metrics in res["results"].items():
             ui.say(f"{task} of {label}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

@@ -19,8 +19,10 @@ comparable with the paper's ViGGO column. Writes <out>.md and <out>.json through
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -30,6 +32,7 @@ import torch
 from lotaqaf_cli import precision, ui
 from lotaqaf_cli.chain import run_step
 from lotaqaf_cli.config import compose, validate
+from lotaqaf_cli.data.tasks import VIGGO_FUNCTIONS
 from lotaqaf_cli.eval.generation import eval_rows, evaluate_task
 from lotaqaf_cli.io.files import write_json_atomic, write_text_atomic
 from lotaqaf_cli.io.rundir import RunDir
@@ -38,6 +41,7 @@ from lotaqaf_cli.session import Session
 RECIPE = "smollm2_viggo_synth"
 GROUP_SIZE = {4: 64, 3: 64, 2: 32}    # as scripts/reproduce.py
 METHODS = {"lora": ["adapter=lora", "optim.lr=5e-4"], "lota": ["adapter=lota"]}
+MR_FORM = re.compile(r"^(%s)\((\w+\[[^\]]*\](, )?)*\)$" % "|".join(VIGGO_FUNCTIONS))
 LABELS = {"base": "16-bit", "gptq": "GPTQ", "lora": "GPTQ+LoRA", "lota": "LoTA-QAF (merged)"}
 
 
@@ -52,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--root", default="runs")
     p.add_argument("--out", default="docs/results/viggo_synth")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument("--render", metavar="JSON", help="only rewrite <out>.md from a results JSON of this script")
     return p.parse_args(argv)
 
 
@@ -152,18 +157,31 @@ def markdown(res: dict) -> str:
         f"- Metric: the paper's ViGGO exact match (function name and attribute pieces, names and values, any attribute "
         f"order), 0-shot, greedy, up to {res['max_length']} tokens in all, on {res['test_items']} test sentences; "
         f"the standard error of an exact match near 50% on {res['test_items']} items is about "
-        f"{100 * (0.25 / res['test_items']) ** 0.5:.0f} points.",
+        f"{100 * (0.25 / res['test_items']) ** 0.5:.0f} points."
+        + ("" if res["max_length"] == 512 else
+           f" {res['max_length']} rather than the paper's 512 to save CPU time: every test prompt plus twice its "
+           "answer's tokens fits (at most 383 with SmolLM2's tokenizer), so only an answer spelled in more than twice "
+           "the target's tokens could score differently."),
+        "- MR form: the text is one of ViGGO's functions applied to bracketed attributes, `fn(attr[...], ...)`; "
+        "right function: its function name is the target's (the first half of the rule).",
+        "- Train time: wall clock of the training loop on this machine, which at times ran other work too; it is "
+        "not a speed comparison (scripts/bench_train.py is).",
         f"- Training: recipe `{res['recipe']}`, {res['steps']} optimizer steps x batch {res['batch_size']} of "
         f"{res['train_examples']} examples, prompt masked, the same data and seed for every method. GPTQ+LoRA: rank 16, "
         "AdamW at the paper's task learning rate 5e-4. LoTA-QAF: rank 64, omega 0.875 r = 56, t-SignSGD. GPTQ group size "
         + ", ".join(f"INT{b} g{g}" for b, g in res["group_size"].items()) + ".",
         "- LoTA-QAF is the merged model loaded from its checkpoint; its adapter model was scored too (below).", "",
-        "| Bit | Method | exact match (%) | fine-tuned | train time |", "|---|---|---|---|---|"]
+        "| Bit | Method | exact match (%) | MR form (%) | right function (%) | fine-tuned | train time |",
+        "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         bit = "16" if r["method"] == "base" else (f"{r['bits']}+16" if r["method"] == "lora" else str(r["bits"]))
         tuned = "no" if r["method"] in ("base", "gptq") else f"{r['steps']} steps"
         t = f"{r['train_seconds']:.0f} s" if "train_seconds" in r else ""
-        lines.append(f"| {bit} | {r['label']} | {100 * r['exact_match']:.1f} | {tuned} | {t} |")
+        n = len(r["samples"])
+        form = sum(bool(MR_FORM.match(s["generated"])) for s in r["samples"]) / n
+        fn = sum(s["generated"].split("(")[0] == s["target"].split("(")[0] for s in r["samples"]) / n
+        lines.append(f"| {bit} | {r['label']} | {100 * r['exact_match']:.1f} | {100 * form:.0f} | {100 * fn:.0f} | "
+                     f"{tuned} | {t} |")
     lines += ["", "Merge checks (LoTA-QAF adapter model vs the merged checkpoint, on every test item):", ""]
     for c in res["merge_checks"]:
         lines.append(f"- INT{c['bits']}: {c['same_text']}/{c['items']} identical generations, exact match "
@@ -179,6 +197,10 @@ def markdown(res: dict) -> str:
 def main(argv=None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     args = parse_args(argv)
+    if args.render:
+        res = json.loads(Path(args.render).read_text())
+        write_text_atomic(Path(args.out).with_suffix(".md"), markdown(res))
+        return 0
     res = run(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

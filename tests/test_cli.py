@@ -22,7 +22,9 @@ def test_cfg_prints_resolved_config(capsys):
 
 @pytest.mark.parametrize("recipe,group,rank,omega", [("qwen25_32b_mmlu", 128, 32, 24),
                                                      ("llama33_70b_mmlu", 128, 32, 24),
-                                                     ("smollm2_mmlu", 64, 64, 48)])
+                                                     ("smollm2_mmlu", 64, 64, 48),
+                                                     ("llama3_viggo", 64, 64, 56),
+                                                     ("smollm2_viggo_synth", 64, 64, 56)])
 def test_recipes_compose(capsys, recipe, group, rank, omega):
     assert main(["train", f"recipe={recipe}", "--cfg"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
@@ -34,7 +36,7 @@ def test_recipes_listing(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
     for name in ("smollm2_mmlu", "llama3_mmlu", "qwen25_14b_mmlu", "qwen25_32b_mmlu", "llama33_70b_mmlu",
-                 "llama3_gsm8k", "smoke"):
+                 "llama3_gsm8k", "llama3_sql", "llama3_viggo", "smollm2_viggo_synth", "smoke"):
         assert name in out
 
 

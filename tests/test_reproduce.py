@@ -16,12 +16,19 @@ from cli_helpers import load_script
 QUICK_REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "results" / "smollm2_quick.json"
 
 
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory):
+    """One runs root for both precisions: the second run reuses the first's cached GPTQ base, as a user's
+    second run does (the base is quantized in float32 whatever the precision, and cached by content)."""
+    return tmp_path_factory.mktemp("reproduce") / "runs"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_reproduce_quick(tmp_path, smollm2_loaded, precision):
+def test_reproduce_quick(tmp_path, smollm2_loaded, runs_root, precision):
     rep = load_script("reproduce")
     out = tmp_path / "results" / "smollm2_quick"
-    args = rep.parse_args(["--quick", "--steps", "3", "--root", str(tmp_path / "runs"), "--out", str(out),
+    args = rep.parse_args(["--quick", "--steps", "3", "--root", str(runs_root), "--out", str(out),
                            "--precision", precision])
     res = rep.reproduce(args, source=smollm2_loaded)
     paths = rep.write_outputs(res, args.out)

@@ -2,6 +2,7 @@
 generation against an independent token-by-token decode, training records, the shipped synthetic task,
 and the lm-eval passthrough against log-likelihoods computed here."""
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -218,10 +219,12 @@ def test_lm_eval_task_passes_through(tmp_path, smollm2_loaded):
 # --------------------------------------------------------------------------- the command line, offline
 
 @pytest.mark.slow
-def test_train_on_a_task_file_then_eval_sql_and_viggo(tmp_path):
+def test_train_on_a_task_file_then_eval_sql_and_viggo(tmp_path, monkeypatch, smollm2_loaded):
     """`lotaqaf train` on SQL rows (a local file), then `lotaqaf eval --tasks sql,viggo` on local files:
-    offline, the embedded model (RTN for speed), the run's adapter model; eval.max_length is short (the
-    ViGGO prompt alone is longer, so its answer is empty) to keep the test quick."""
+    offline, the embedded model (the session's copy instead of a second 15 s load; RTN for speed), the
+    run's adapter model; eval.max_length is short (the ViGGO prompt alone is longer, so its answer is
+    empty) to keep the test quick."""
+    monkeypatch.setattr("lotaqaf_cli.session.load_model", lambda *a, **k: copy.deepcopy(smollm2_loaded))
     sql, viggo = _write(tmp_path / "sql.jsonl", SQL_ROWS), _write(tmp_path / "viggo.jsonl", VIGGO_ROWS)
     run_commands_in(tmp_path, [
         ["train", "recipe=smollm2_viggo_synth", "data=sql", f"data.path={sql}", "quant.method=rtn", "calib.n_samples=2",

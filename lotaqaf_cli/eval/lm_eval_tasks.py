@@ -26,16 +26,21 @@ def include_path(folder: str | None) -> str | None:
     return str(Path(folder).expanduser().resolve()) if folder else None
 
 
-@functools.lru_cache(maxsize=4)
-def _task_manager(include_path: str | None):
+@functools.lru_cache(maxsize=8)
+def _task_manager(include_path: str | None, defaults: bool = True):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path) if include_path else TaskManager()
+    return TaskManager(include_path=include_path, include_defaults=defaults) if include_path else TaskManager()
 
 
-def known(include_path: str | None = None) -> list[str]:
-    """Every task, group and tag name lm-eval knows (with the include folder's)."""
-    return list(_task_manager(include_path).all_tasks)
+def _manager_for(names: list[str], include_path: str | None):
+    """The include folder's own index when it holds every name (it takes no time), else lm-eval's whole
+    index with the folder's tasks added."""
+    if include_path:
+        folder = _task_manager(include_path, False)
+        if all(n in folder.all_tasks for n in names):
+            return folder
+    return _task_manager(include_path)
 
 
 def check(names: list[str], include_path: str | None = None, own: tuple[str, ...] = OWN_TASKS) -> None:
@@ -44,7 +49,7 @@ def check(names: list[str], include_path: str | None = None, own: tuple[str, ...
     if not others:
         return
     try:
-        every = known(include_path)
+        every = _manager_for(others, include_path).all_tasks
     except ImportError:
         raise LotaqafError(f"eval task '{others[0]}' is not one of lotaqaf's ({', '.join(own)}) and lm-eval is "
                            "not installed") from None
@@ -71,7 +76,7 @@ def evaluate(model, tokenizer, names: list[str], limit: int | None = None, batch
         stack.enter_context(offline_env(not hub_reachable()))  # fail in a second, not after retries
         stack.enter_context(quiet_libraries())
         try:
-            out = simple_evaluate(model=lm, tasks=list(names), limit=limit, task_manager=_task_manager(include_path),
+            out = simple_evaluate(model=lm, tasks=list(names), limit=limit, task_manager=_manager_for(list(names), include_path),
                                   bootstrap_iters=0, random_seed=0, numpy_random_seed=1234, torch_random_seed=1234,
                                   fewshot_random_seed=1234)
         except (ConnectionError, OSError) as e:

@@ -1,10 +1,12 @@
 """Any other task lm-eval knows, passed through with the run's model: ``lotaqaf eval --tasks arc_easy``.
 
 lotaqaf's own tasks (mmlu, ppl, gsm8k, sql, viggo) have their own integrations (lm-eval's own
-``gsm8k`` is shadowed by ours: its variants, e.g. gsm8k_cot, pass through); every other name goes to lm-eval's ``simple_evaluate`` as it is, with the model in memory, the task's own few-shot
-setting (``eval.num_fewshot`` is MMLU's) and ``eval.limit``. ``eval.lm_eval_include`` adds a folder of
-task YAML files (lm-eval's include_path), e.g. a task on local data. lm-eval indexes its ~15k task
-files once per process (seconds). Nothing is written here.
+``gsm8k`` is shadowed by ours; its variants, e.g. gsm8k_cot, pass through). Every other name goes to
+lm-eval's ``simple_evaluate`` as it is, with the model in memory, the task's own few-shot setting
+(``eval.num_fewshot`` is MMLU's) and ``eval.limit``. ``eval.lm_eval_include`` adds a folder of task
+YAML files (lm-eval's include_path), e.g. a task on local data. lm-eval indexes its ~15k task files
+once per process (seconds); a folder that holds every name asked for is indexed alone. Nothing is
+written here.
 """
 
 from __future__ import annotations
@@ -66,18 +68,19 @@ def evaluate(model, tokenizer, names: list[str], limit: int | None = None, batch
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    from ..hub import hub_reachable
+
     if tokenizer is None:
         raise LotaqafError("lm-eval tasks need a tokenizer; this model has none")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     t0 = time.time()
     with contextlib.ExitStack() as stack:
-        from ..hub import hub_reachable
-
         stack.enter_context(offline_env(not hub_reachable()))  # fail in a second, not after retries
         stack.enter_context(quiet_libraries())
         try:
-            out = simple_evaluate(model=lm, tasks=list(names), limit=limit, task_manager=_manager_for(list(names), include_path),
-                                  bootstrap_iters=0, random_seed=0, numpy_random_seed=1234, torch_random_seed=1234,
+            out = simple_evaluate(model=lm, tasks=list(names), limit=limit,
+                                  task_manager=_manager_for(list(names), include_path), bootstrap_iters=0,
+                                  random_seed=0, numpy_random_seed=1234, torch_random_seed=1234,
                                   fewshot_random_seed=1234)
         except (ConnectionError, OSError) as e:
             raise LotaqafError(f"lm-eval could not load the data of {', '.join(names)}: {str(e).splitlines()[0]} "

@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 from ..errors import LotaqafError
+from .generation import MATCH
 from .harness import lm_eval_version, offline_env, quiet_libraries
 
-OWN_TASKS = ("mmlu", "ppl", "gsm8k", "sql", "viggo")  # lotaqaf's own integrations; any other name is lm-eval's
+OWN_TASKS = ("mmlu", "ppl", *MATCH)  # lotaqaf's own integrations; any other name is lm-eval's
 
 
 def include_path(folder: str | None) -> str | None:

@@ -20,7 +20,7 @@ from .. import ui
 from ..core.perplexity import perplexity
 from ..errors import LotaqafError
 from ..eval import lm_eval_tasks
-from ..eval.generation import eval_rows, evaluate_task
+from ..eval.generation import MATCH, eval_rows, evaluate_task
 from ..eval.mmlu import evaluate_mmlu, results_markdown, results_table
 from ..precision import dtype_name
 
@@ -67,7 +67,7 @@ def evaluate(model, tokenizer, ev: DictConfig, label: str, windows: torch.Tensor
         if not ui.quiet():
             ui.console.print(results_table(res))
         out["mmlu_markdown"] = results_markdown(res)
-    for name in ("gsm8k", "sql", "viggo"):
+    for name in MATCH:  # the generation tasks: gsm8k, sql, viggo
         if name in tasks:
             rows = eval_rows(name, ev[f"{name}_file"], ev.limit)
             with ui.progress_bar(f"{name} of {label}, greedy", len(rows), unit="items") as adv:

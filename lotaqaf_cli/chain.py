@@ -14,6 +14,7 @@ group and rank 0 runs the rest as one process.
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from pathlib import Path
 
@@ -21,11 +22,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import __version__, dist, memory, precision, ui
+from .core.nf4 import nf4_base_info
 from .core.quantize_model import decoder_layers
 from .data import sft
 from .errors import LotaqafError
 from .interrupts import Interrupted
-from .io.adapter import adapter_spec, load_adapter, save_adapter, without_adapters
+from .io.adapter import EXACT_KINDS, adapter_spec, load_adapter, save_adapter, without_adapters
 from .io.checkpoint import ShardedWriter, is_checkpoint, save_quantized, sharded_checkpoint
 from .io.files import atomic_dir, file_sha256
 from .io.models import check_arch, layer_shapes, model_dir, streamable, streams
@@ -49,6 +51,9 @@ def step_quantize(s: Session) -> None:
         s.base, s.base_info = s.place(src.model), src.info
         s.run.write_record("quantize", {"skipped": True, "checkpoint": cfg.model.path,
                                         "content_hash": src.source_hash, "source_hash": src.source_hash})
+        return
+    if q.method == "nf4":
+        _quantize_nf4(s)
         return
     if src.model is not None:
         quantize.check_model(src.model, q)
@@ -102,6 +107,23 @@ def step_quantize(s: Session) -> None:
     ui.say(f"quantized base written to {out_dir} in {s.timings['quantize_s']} s")
 
 
+def _quantize_nf4(s: Session) -> None:
+    """quant=nf4: QLoRA's base, a copy of the source with its targeted linears in NF4 (seconds; rebuilt when a
+    run is loaded again, never cached)."""
+    cfg = s.cfg
+    src = s.load_source(weights=True)
+    t0 = time.time()
+    base = copy.deepcopy(src.model)  # the source stays 16-bit (the 16-bit row)
+    names = quantize.quantize_nf4(base, cfg.quant, cfg.model.target_modules, s.precision.dtype)
+    s.base, s.base_info = s.place(base), nf4_base_info(src.source_hash, cfg.quant.group_size)
+    s.timings["quantize_s"] = round(time.time() - t0, 1)
+    s.run.write_record("quantize", {"cached": False, "nf4": True, "content_hash": s.base_info["content_hash"],
+                                    "source_hash": src.source_hash, "settings": s.base_info["settings"],
+                                    "layers": len(names), "timings": dict(s.timings)})
+    ui.say(f"NF4 base (double quantization, blocks of {cfg.quant.group_size}): {len(names)} layers in "
+           f"{s.timings['quantize_s']} s")
+
+
 def _quantize_streamed(s: Session, calib: torch.Tensor, out_dir: Path, provenance: dict) -> tuple[list, str]:
     """Streamed quantization into ``out_dir``: the source's shards read one decoder layer at a time,
     each quantized layer written as its own shard; returns (per-layer stats, content hash)."""
@@ -145,10 +167,13 @@ def step_train(s: Session) -> None:
     step_quantize(s)
     examples = s.examples()
     tok = s.tokenizer
-    extra = {"omega": a.omega, "offset_granularity": a.offset_granularity, "markers": a.markers} \
-        if a.kind == "lota" else \
-        {"alpha": a.alpha, "dropout": a.dropout}
-    spec = adapter_spec(a.kind, cfg.model.target_modules, rank=a.rank, **extra)
+    if a.kind == "lota":
+        extra = {"rank": a.rank, "omega": a.omega, "offset_granularity": a.offset_granularity, "markers": a.markers}
+    elif a.kind in ("scales", "zeros"):
+        extra = {"train": list(a.train)}
+    else:
+        extra = {"rank": a.rank, "alpha": a.alpha, "dropout": a.dropout}
+    spec = adapter_spec(a.kind, cfg.model.target_modules, **extra)
     s.run.ensure()
     s.adapted, summary = train.train(s.base, examples, spec, cfg.optim, cfg.seed, s.run, data_seed=cfg.data.seed,
                                      resume=cfg.resume, pad_id=sft.pad_token_id(tok) if tok is not None else 0,
@@ -173,14 +198,15 @@ def step_ppl(s: Session) -> None:
     if src.model is None:
         ui.say("16-bit perplexity: skipped (the source was streamed, not loaded; "
                "`lotaqaf eval --tasks ppl --model 16bit` loads it whole)")
-    gptq = f"GPTQ INT{cfg.quant.bits} g{cfg.quant.group_size}"
+    gptq = f"NF4 (blocks of {cfg.quant.group_size})" if cfg.quant.method == "nf4" else \
+        f"GPTQ INT{cfg.quant.bits} g{cfg.quant.group_size}"
     if s.base is not None:
         models[gptq] = s.base
     results = {}
     if s.adapted is not None:  # the adapters wrap the base's layers: the base is the same model without them
         with without_adapters(s.adapted) as base:
             results = evaluate.perplexities({**models, gptq: base}, windows, cfg.ppl.batch_size)
-        models = {f"GPTQ + {cfg.adapter.kind} (adapter)": s.adapted}
+        models = {f"{gptq.split()[0]} + {cfg.adapter.kind} (adapter)": s.adapted}
     results.update(evaluate.perplexities(models, windows, cfg.ppl.batch_size))
     s.run.write_record("ppl", {"heldout_hash": digest, "n_samples": windows.shape[0], "seq_len": windows.shape[1],
                                "source": cfg.ppl.source, "results": results})
@@ -213,6 +239,15 @@ def step_merge(s: Session) -> None:
     prov = {**s.base_info.get("provenance", {}), "merged_from": {"base": s.base_info["content_hash"],
                                                                 "adapter": adapter_sha, "kind": kind}}
     model = s.adapted
+    if settings.get("method") == "nf4":  # QLoRA: measured only; what deploys is the NF4 base + the LoRA
+        _, cert = merge.merge(model, kind, s.heldout())
+        cert.update(base_hash=s.base_info["content_hash"], adapter_sha256=adapter_sha, written=False,
+                    seconds=round(time.time() - t0, 1))
+        path = run.write_record("merge_certificate", cert)
+        ui.say(f"QLoRA: the merge back into NF4 is lossy and is not written (max |logit diff| = "
+               f"{cert['max_abs_logit_diff']:g}); the deployable model is the NF4 base + {run.adapter_file.name}. "
+               f"Certificate: {path}")
+        return
     n_layers = len(decoder_layers(model))
     with atomic_dir(run.merged_dir) as tmp:
         writer = ShardedWriter(tmp, n_layers)
@@ -231,7 +266,7 @@ def step_merge(s: Session) -> None:
         with ui.status("writing the embeddings, the head and the configs ..."):
             cert["merged_hash"] = writer.finish(model, s.tokenizer, settings, prov)
     cert.update(base_hash=s.base_info["content_hash"], adapter_sha256=adapter_sha)
-    if kind == "lota":  # the model in memory is the merged one now (the adapter file holds the adapters)
+    if kind in EXACT_KINDS:  # the model in memory is the merged one now (the adapter file holds the adapters)
         s.merged, s.adapted = model, None
     cert["seconds"] = round(time.time() - t0, 1)
     path = run.write_record("merge_certificate", cert)
@@ -253,12 +288,12 @@ def _load_dtype(s: Session) -> torch.dtype:
 
 
 def step_eval(s: Session) -> None:
-    """The recipe's eval tasks on the merged LoTA model (or, for the LoRA baselines, whose merge is
-    lossy, the adapter model)."""
+    """The recipe's eval tasks on the merged model of an exact kind (LoTA-QAF, scales, zeros) or, for the
+    LoRA baselines, whose merge is lossy, on the adapter model."""
     cfg = s.cfg
     if s.merged is None and s.adapted is None:  # a process that starts at eval: the run's models from disk
         with ui.status(f"loading {s.run.path} ..."):
-            if cfg.adapter.kind == "lota" and is_checkpoint(s.run.merged_dir):
+            if cfg.adapter.kind in EXACT_KINDS and is_checkpoint(s.run.merged_dir):
                 s.merged, s.tokenizer, s.base_info = s.run.load_merged(_load_dtype(s))
             else:
                 s.adapted, s.tokenizer, s.adapter_header, s.base_info = s.run.load_adapted(_load_dtype(s))
@@ -267,8 +302,8 @@ def step_eval(s: Session) -> None:
     if not tasks:
         ui.say("eval: this model has no tokenizer: MMLU skipped")
         return
-    lota = cfg.adapter.kind == "lota" and s.merged is not None
-    model, label = (s.merged, "merged") if lota else (s.adapted, "adapter")
+    exact = cfg.adapter.kind in EXACT_KINDS and s.merged is not None
+    model, label = (s.merged, "merged") if exact else (s.adapted, "adapter")
     write_eval(s.run, evaluate.evaluate(model, s.tokenizer, cfg.eval, label, s.heldout() if "ppl" in tasks else None,
                                         tasks=tasks))
 

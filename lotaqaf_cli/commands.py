@@ -162,24 +162,44 @@ def cmd_export(cfg: DictConfig) -> None:
     run = find_run(cfg.run.dir, cfg.run.root, NEEDS["export"])
     writable_dir(str(run.path), "run.dir")  # where the export goes, before the model loads
     name = f"gguf-{gguf_type}" if fmt == "gguf" and gguf_type != "q4_1" else fmt  # K-quants beside Q4_1
+    if ex.source == "adapter":
+        name = f"{fmt}-adapter"
     out_dir = run.export_dir(name)
-    model, tok, info = run.load_merged()
+    if ex.source == "adapter":  # a LoRA-type run as it deploys unmerged: the GPTQ base + the adapter in PEFT
+        model, tok, header, info = run.load_adapted()
+        if header["kind"] not in ("lora", "qalora"):
+            raise LotaqafError(f"export.source=adapter exports a LoRA or QA-LoRA adapter beside its base; this run's "
+                               f"adapter is {header['kind']}, which merges exactly: export its merged model")
+    else:
+        model, tok, info = run.load_merged()
     if out_dir.exists():
         raise LotaqafError(f"{out_dir} already exists: remove it to export again")
     windows = run.heldout_windows(info, tok)
-    report: dict = {"format": fmt, "source": str(run.merged_dir), "merged_hash": info["content_hash"]}
-    others = [f for f in export.exact_formats(model) if f != fmt]
-    qmods = quantized_modules(model)
+    report: dict = {"format": fmt, "source": str(run.merged_dir if ex.source == "merged" else run.adapter_file),
+                    "merged_hash" if ex.source == "merged" else "base_hash": info["content_hash"]}
+    if ex.source == "adapter":
+        files, lora = export.lora_branch_model(model)
+        others, qmods = [], quantized_modules(files)
+    else:
+        others, qmods = [f for f in export.exact_formats(model) if f != fmt], quantized_modules(model)
     qnames, weights = list(qmods), sum(q.in_features * q.out_features for q in qmods.values())
     with atomic_dir(out_dir) as tmp:
-        held, branched = export.write(model, fmt, tmp, ex, tok, info, run.config().model.path, out_dir, others, report)
+        if ex.source == "adapter":
+            held, branched = export.write_lora(files, lora, tmp, tok, info, run.adapter_file, out_dir, report)
+            del files
+        else:
+            held, branched = export.write(model, fmt, tmp, ex, tok, info, run.config().model.path, out_dir, others,
+                                          report)
         with ui.status("comparing the export with the merged model ..."):
             report.update(export.compare(model, held, windows))
         layer_bytes = sizes.quantized_layer_bytes(tmp, fmt, qnames)
         report.update({"size_bytes": sizes.disk_size(tmp), "bits_per_weight": 8 * layer_bytes / weights})
         reference = None
         if ex.check:
-            reference, report["storage_on_prompts"] = probe.reference(model, held, tok)
+            # an unmerged adapter's reference is the base + branch form the files hold (dequantizing the LoRA
+            # layers' bases for the exact probe would leave QA-LoRA without its groups)
+            reference, report["storage_on_prompts"] = probe.reference(held if ex.source == "adapter" else model,
+                                                                      held, tok)
         del held, qmods
         if reference is not None:
             del model  # the engine loads the export in its own process: one model in memory at a time
@@ -191,14 +211,15 @@ def cmd_export(cfg: DictConfig) -> None:
                         kind, tmp, *reference, engines.default_pythons(ex.check_python),
                         list(probe.PROBE_TEXTS) if tok is not None else None)
     run.write_record(f"export-{name}", report)
-    _say_export(fmt, out_dir, report, branched)
+    _say_export(fmt, out_dir, report, branched, "adapter" if ex.source == "adapter" else "merged")
 
 
-def _say_export(fmt: str, out_dir: Path, report: dict, branched: bool) -> None:
-    held_as = {"hf16": "float32", "gptq": "codes, scales, zeros" + (", offset branch" if branched else "")}
+def _say_export(fmt: str, out_dir: Path, report: dict, branched: bool, source: str = "merged") -> None:
+    held_as = {"hf16": "float32", "gptq": "codes, scales, zeros" + (
+        (", the LoRA" if source == "adapter" else ", offset branch") if branched else "")}
     ui.say(f"exported {fmt} to {out_dir}: {ui.size(report['size_bytes'])} on disk, {report['bits_per_weight']:.3f} "
            f"bits per quantized weight ({held_as.get(fmt, 'codes, scales, zeros')}); "
-           f"max |logit diff| vs the merged model {report['max_abs_logit_diff']:.3g}"
+           f"max |logit diff| vs the {source} model {report['max_abs_logit_diff']:.3g}"
            + (f", perplexity {report['perplexity']['export']:.4f} vs {report['perplexity']['merged']:.4f}"
               if "perplexity" in report else ""))
     if "layers_by_type" in report:

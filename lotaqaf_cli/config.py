@@ -4,6 +4,7 @@ validation of what users set: a schema of every key, the rules that join keys, t
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import re
 import tempfile
@@ -185,6 +186,7 @@ def schema() -> dict[str, Rule]:
     """The rule of every key a composed config may hold (keys of one adapter or optimizer kind only
     appear with it). A key missing here is an unknown key."""
     from .core.offset_pooling import GRANULARITIES
+    from .core.quant_params import TRAINABLE
     from .core.tsignsgd import SCHEDULES
     from .data.mmlu import FEWSHOT_ROWS
     from .data.sft import SOURCES as DATA_SOURCES
@@ -202,7 +204,7 @@ def schema() -> dict[str, Rule]:
         "run.root": STR, "run.dir": PATH,
         "model.path": STR, "model.dtype": Choice(*DTYPES),
         "model.target_modules": Rule("list", item=STR, nonempty=True),
-        "quant.method": Choice("gptq", "rtn"), "quant.bits": Choice(*SUPPORTED_BITS),
+        "quant.method": Choice("gptq", "rtn", "nf4"), "quant.bits": Choice(*SUPPORTED_BITS),
         "quant.group_size": Int(1, also=(-1,)), "quant.act_order": BOOL, "quant.act_group_aware": BOOL,
         "quant.static_groups": BOOL,
         "quant.true_sequential": BOOL, "quant.damp_percent": Float(0, 1), "quant.block_size": Int(1),
@@ -214,7 +216,7 @@ def schema() -> dict[str, Rule]:
         **{f"ppl.{k}": r for k, r in text.items()}, "ppl.batch_size": Int(1),
         "adapter.kind": Choice(*KINDS), "adapter.rank": Int(1), "adapter.omega": Float(0, low_open=True),
         "adapter.offset_granularity": Choice(*GRANULARITIES), "adapter.markers": BOOL, "adapter.alpha": Float(0, low_open=True),
-        "adapter.dropout": Float(0, 1),
+        "adapter.dropout": Float(0, 1), "adapter.train": Rule("list", item=Choice(*TRAINABLE), nonempty=True),
         "optim.name": Choice("tsignsgd", "adamw"), "optim.steps": Int(1), "optim.batch_size": Int(1),
         "optim.grad_accum": Int(1), "optim.save_every": Int(1), "optim.gradient_checkpointing": BOOL,
         "optim.schedule": Choice(*SCHEDULES, alt=Float(0, 1, low_open=True, high_closed=True)),
@@ -230,7 +232,7 @@ def schema() -> dict[str, Rule]:
         "eval.lm_eval_include": PATH,
         "merge.verify": BOOL, "merge.unmerge": BOOL,
         "export.format": Choice(*EXPORT_FORMATS, nullable=True), "export.allow_lossy": BOOL,
-        "export.offset_branch": BOOL, "export.gguf_type": Choice(*GGUF_TYPES), "export.check": BOOL, "export.check_python": PATH,
+        "export.offset_branch": BOOL, "export.source": Choice("merged", "adapter"), "export.gguf_type": Choice(*GGUF_TYPES), "export.check": BOOL, "export.check_python": PATH,
     }
 
 
@@ -296,6 +298,21 @@ def _validate_joint(cfg: DictConfig, command: str) -> None:
                                "effect: keep one of them")
     elif o.name != "adamw":
         raise LotaqafError(f"adapter={a.kind} trains with optim=adamw")
+    if cfg.quant.method == "nf4" and a.kind != "lora":
+        raise LotaqafError(f"adapter={a.kind} needs a GPTQ base (quant=gptq): quant=nf4 is QLoRA's base, trained "
+                           "with adapter=lora")
+    if cfg.quant.method == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
+        from .core.nf4 import MISSING
+
+        raise LotaqafError(MISSING)
+    if cfg.quant.method == "nf4" and cfg.quant.bits != 4:
+        raise LotaqafError(f"quant=nf4 is 4-bit: quant.bits={cfg.quant.bits} is not allowed with it")
+    if a.kind in ("scales", "zeros"):
+        train = list(a.train)
+        if len(set(train)) != len(train) or (a.kind == "scales" and train != ["scales"]) or "zeros" not in train \
+                and a.kind == "zeros":
+            raise LotaqafError(f"adapter.train={_show(train)} does not fit adapter={a.kind}: adapter=scales trains "
+                               "[scales]; adapter=zeros trains [zeros] or [scales,zeros]")
     if command in ("train", "quantize"):
         _check_shipped(cfg, command)
     if cfg.data.source == "jsonl" and not cfg.data.path:
@@ -315,6 +332,9 @@ def _validate_joint(cfg: DictConfig, command: str) -> None:
                                "TRITON_INTERPRET=1, for tests): use kernels=auto or kernels=torch here")
     if command == "export" and cfg.export.format is None:
         raise LotaqafError(f"export needs --format (export.format): {' | '.join(EXPORT_FORMATS)}")
+    if command == "export" and cfg.export.source == "adapter" and cfg.export.format != "gptq":
+        raise LotaqafError(f"export.source=adapter writes the GPTQ base with the adapter as a PEFT LoRA: use --format "
+                           f"gptq (not {cfg.export.format})")
     if command == "export" and cfg.export.format == "gguf" and cfg.export.gguf_type != "q4_1" and not cfg.export.allow_lossy:
         from .io.gguf_export import lossy_gguf_refusal
 

@@ -23,6 +23,29 @@ console = Console(highlight=False, force_terminal=None if sys.stdout.isatty() el
                   width=None if sys.stdout.isatty() else 120, soft_wrap=not sys.stdout.isatty())
 
 
+# Importing bitsandbytes (ours for quant=nf4, or peft's and transformers' whenever it is installed) tries to
+# fetch a CPU kernel from the Hugging Face Hub (bitsandbytes/backends/cpu/ops.py, module level, on AVX512-BF16
+# CPUs) and logs a warning when that fails, as it always does offline; it then uses its bundled library, and it
+# reads no setting that skips the attempt. Only these messages, on these loggers, are dropped.
+_LIBRARY_NOISE = (
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+    ("kernels._internals.hf_hub", "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"),
+)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
+for _name, _start in _LIBRARY_NOISE:
+    logging.getLogger(_name).addFilter(_DropMessage(_start))
+
+
 def quiet() -> bool:
     return bool(os.environ.get("LOTAQAF_QUIET"))
 

@@ -33,7 +33,7 @@ def test_reproduce_quick(tmp_path, smollm2_loaded, runs_root, precision):
     res = rep.reproduce(args, source=smollm2_loaded)
     paths = rep.write_outputs(res, args.out)
 
-    assert [c["method"] for c in res["merge_checks"]] == ["lota", "lota_int"]
+    assert [c["method"] for c in res["merge_checks"]] == ["lota", "lota_int", "scales", "zeros"]
     for check in res["merge_checks"]:
         assert check["questions"] == 2 * 5
         assert check["same_predictions"] == check["questions"]
@@ -42,11 +42,18 @@ def test_reproduce_quick(tmp_path, smollm2_loaded, runs_root, precision):
         assert check["certificate_max_abs_logit_diff"] == 0.0
 
     by = {(r["method"], r["bits"]): r for r in res["rows"]}
-    assert set(by) == {("base", 16), ("gptq", 2), ("lora", 2), ("qalora", 2), ("lota", 2), ("lota_int", 2)}
+    assert set(by) == {("base", 16), ("gptq", 2), ("lora", 2), ("qalora", 2), ("lota", 2), ("lota_int", 2),
+                       ("scales", 2), ("zeros", 2)}
     assert by[("lota", 2)]["ppl"] < by[("gptq", 2)]["ppl"]
     # the integer-only merge is a plain GPTQ checkpoint; the offset factor's is declared float-zero
     assert by[("lota_int", 2)]["checkpoint_format"] == "gptq"
     assert by[("lota", 2)]["checkpoint_format"] == "lotaqaf_float_zero"
+    # trained scales merge into a plain GPTQ checkpoint; trained zero points are fractional
+    assert by[("scales", 2)]["checkpoint_format"] == "gptq"
+    assert by[("zeros", 2)]["checkpoint_format"] == "lotaqaf_float_zero"
+    assert by[("gptq", 2)]["recovery"] == 0.0 and by[("lota", 2)]["recovery"] > 0
+    assert by[("scales", 2)]["params"] == by[("zeros", 2)]["params"] > 0   # one value per (group, column)
+    assert by[("lota", 2)]["bpw"] > by[("lota_int", 2)]["bpw"] == by[("gptq", 2)]["bpw"] == 2 + (16 + 2) / 32
     assert by[("base", 16)]["ppl"] < by[("gptq", 2)]["ppl"]
     # 3 steps move few codes: at fp32 some cross omega; at bf16 the one crossing lands on a code at the
     # grid's edge and the boundary check blocks it (checked by hand on 2026-12-05)
@@ -108,3 +115,34 @@ def test_check_refuses_other_settings(tmp_path, capsys):
     assert _check(rep, tmp_path, other, committed) == 2
     assert "limit 4 vs the reference's 5" in capsys.readouterr().err
     assert rep.main(["--check", str(tmp_path / "missing.json")]) == 2
+
+
+def test_exact_in_comes_from_the_export_records(tmp_path):
+    """The "exact in" column is read from `lotaqaf export` records (here written by hand): an engine counts when
+    its greedy continuations equal lotaqaf's on every prompt; the rows of an artifact class take their width's
+    checked row's result; LoRA-type rows read their own unmerged export."""
+    rep = load_script("reproduce")
+
+    def run(name, records):
+        d = tmp_path / name
+        d.mkdir()
+        for fmt, engines in records.items():
+            (d / f"export-{fmt}.json").write_text(json.dumps({"engines": engines}))
+        return str(d)
+
+    ok, off = {"checked": True, "prompts": 8, "same_continuations": 8}, {"checked": True, "prompts": 8,
+                                                                           "same_continuations": 7}
+    rows = [{"method": "scales", "bits": 2, "run": run("s", {"gptq": {"gptqmodel": ok}, "torchao": {"transformers": off}})},
+            {"method": "lota_int", "bits": 2, "run": "unused"},
+            {"method": "lota", "bits": 2, "run": run("l", {"gptq": {"gptqmodel_peft": ok}, "torchao": {"transformers": ok}})},
+            {"method": "zeros", "bits": 2},
+            {"method": "lora", "bits": 2, "run": run("r", {"gptq-adapter": {"gptqmodel_peft": ok}})},
+            {"method": "qalora", "bits": 2, "run": run("q", {"gptq-adapter": {"gptqmodel_peft": {"checked": False}}})}]
+    res = {"rows": rows}
+    rep.engine_checks(res, None)
+    got = {r["method"]: r["exact_in"] for r in res["rows"]}
+    assert got == {"scales": ["gptqmodel (gptq)"], "lota_int": ["gptqmodel (gptq)"],
+                   "lota": ["gptqmodel_peft (gptq)", "transformers (torchao)"],
+                   "zeros": ["gptqmodel_peft (gptq)", "transformers (torchao)"],
+                   "lora": ["gptqmodel_peft (gptq)"], "qalora": "none"}
+    assert rows[1]["exact_in_from"] == "INT2 scales (PEQA)" and "INT2 LoTA-QAF" in res["exact_in_note"]

@@ -15,11 +15,12 @@ import math
 import torch
 from torch import nn
 
+from .nf4 import is_nf4
 from .qlinear import QuantLinear, replace_module
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: QuantLinear, rank: int, alpha: float, dropout: float = 0.0, dtype=torch.float32):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, dtype=torch.float32):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
@@ -77,10 +78,11 @@ class QALoRALinear(LoRALinear):
 
 def attach_lora(model: nn.Module, kind: str, rank: int, alpha: float, dropout: float,
                 target_modules: list[str], dtype=torch.float32) -> list[str]:
-    """Wrap every QuantLinear whose name ends with a target by a LoRA (kind="lora") or QA-LoRA layer."""
+    """Wrap every QuantLinear (or NF4 layer: QLoRA) whose name ends with a target by a LoRA (kind="lora") or
+    QA-LoRA layer."""
     cls = {"lora": LoRALinear, "qalora": QALoRALinear}[kind]
     names = [n for n, m in model.named_modules()
-             if isinstance(m, QuantLinear) and n.rsplit(".", 1)[-1] in target_modules]
+             if (isinstance(m, QuantLinear) or is_nf4(m)) and n.rsplit(".", 1)[-1] in target_modules]
     for n in names:
         replace_module(model, n, cls(model.get_submodule(n), rank, alpha, dropout, dtype))
     return names

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .lora import LoRALinear, QALoRALinear
+from .nf4 import dequantize_nf4, is_nf4, requantize_nf4
 from .perplexity import perplexity
 from .qlinear import QuantLinear, replace_module
 from .quant import max_code, pack_ternary, rtn_quantize, unpack_ternary
@@ -104,10 +105,14 @@ def merge_model(model: nn.Module) -> dict[str, MergedLayer]:
 
 
 @torch.no_grad()
-def requantize_lora(layer: LoRALinear) -> QuantLinear:
+def requantize_lora(layer: LoRALinear) -> nn.Module:
     """The only way a 16-bit LoRA enters a GPTQ grid: dequantize, add the LoRA delta, round again
-    (min-max per group, the base's group size). QA-LoRA folds exactly into zero points instead."""
+    (min-max per group, the base's group size); on an NF4 base (QLoRA), NF4 again. QA-LoRA folds exactly
+    into zero points instead."""
     base = layer.base
+    if is_nf4(base):  # QLoRA: dequantize the NF4 base, add the delta, NF4 again
+        w = dequantize_nf4(base) + layer.delta_weight().float().t()
+        return requantize_nf4(w, base.bias, base.compute_dtype, blocksize=base.weight.blocksize)
     if isinstance(layer, QALoRALinear):
         return QuantLinear.from_packed(base.qweight, base.in_features, base.scales,
                                        base.zeros - layer.zero_point_shift(), base.g_idx, base.bits, base.group_size,

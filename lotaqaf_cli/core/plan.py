@@ -109,8 +109,8 @@ class Inputs:
     group_size: int
     calib_tokens: int           # calib.n_samples x calib.seq_len
     calib_batch_tokens: int     # quant.batch_size x calib.seq_len
-    adapter: str                # lota | lora | qalora
-    rank: int
+    adapter: str                # lota | lora | qalora | scales | zeros
+    rank: int                   # scales, zeros: the number of trained parameter kinds (1 or 2)
     micro_batch: int            # optim.batch_size (sequences per forward/backward)
     train_len: int              # data.source_len + data.target_len
     checkpointing: bool         # optim.gradient_checkpointing
@@ -175,7 +175,11 @@ def plan(shape: Shape, x: Inputs) -> list[Stage]:
     q_dev["Hessians and GPTQ's working copies"] = max(sum(hess[i:]) + gptq[i] for i in range(len(lins)))
     q = stage("quantize", q_dev, calib if x.activations_on_host else {})
 
-    adapter_params = sum(x.rank * (a + b) for a, b in shape.linears()) * shape.layers
+    if x.adapter in ("scales", "zeros"):  # one value per (group, column) for each trained kind
+        adapter_params = sum(x.rank * -(-a // (a if x.group_size == -1 else x.group_size)) * b
+                             for a, b in shape.linears()) * shape.layers
+    else:
+        adapter_params = sum(x.rank * (a + b) for a, b in shape.linears()) * shape.layers
     # LoTA: A_T, B_T and their gradients (float32); t-SignSGD keeps no moments. LoRA: + AdamW's two.
     adapter = adapter_params * 4 * (2 if x.adapter == "lota" else 4)
     tokens = x.micro_batch * x.train_len

@@ -41,29 +41,30 @@ def linear_in_major(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None)
 
 def quant_matmul(x: torch.Tensor, q: QuantLinear, zeros: torch.Tensor | None = None,
                  markers: tuple[torch.Tensor, torch.Tensor] | None = None, cache: dict | None = None,
-                 weight_out: dict | None = None) -> torch.Tensor:
+                 weight_out: dict | None = None, scales: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W + bias with W = s[g] * ((W_int + W_hat) - z[g]) from ``q``'s packed codes.
 
-    ``zeros`` replaces q.zeros (an adapter's z - mu); ``markers`` are sparse W_hat (flat indices, +-1)
-    added to the integer codes; ``cache`` (a dict the caller keeps, keyed by what the weight depends
-    on) lets a kernel keep a prepared weight between calls; ``weight_out``: where the torch path leaves
+    ``zeros`` replaces q.zeros (an adapter's z - mu), ``scales`` q.scales (trained scales); ``markers``
+    are sparse W_hat (flat indices, +-1) added to the integer codes; ``cache`` (a dict the caller keeps,
+    keyed by what the weight depends on) lets a kernel keep a prepared weight between calls; ``weight_out``: where the torch path leaves
     the dense W it formed (in x's dtype, under "w"), for a backward that would form it again.
     """
     zeros = q.zeros if zeros is None else zeros
+    scales = q.scales if scales is None else scales
     x2 = x.reshape(-1, x.shape[-1])
     kernel = kernels.pick(x2, q.bits, q.contiguous_gs)
     if kernel == "triton":
         fired = markers is not None and markers[0].numel() > 0  # none fired: the kernel adds nothing (exact either way)
         words = kernels.marker_words(*markers, q.in_features, q.out_features) if fired else None
-        y = kernels.qmm(x2, q.qweight, q.scales, zeros, q.g_idx, q.bits, q.bias, words)
+        y = kernels.qmm(x2, q.qweight, scales, zeros, q.g_idx, q.bits, q.bias, words)
     elif kernel == "cpu_int4":
         def prepare():
             codes = q.codes if markers is None else _with_markers(q.codes, markers)
-            return kernels.int4_prepare(codes, q.scales, zeros, q.contiguous_gs)
+            return kernels.int4_prepare(codes, scales, zeros, q.contiguous_gs)
         prepared = prepare() if cache is None else cache.get("int4") or cache.setdefault("int4", prepare())
         y = kernels.int4_mm(x2, prepared, q.bias)
     else:
-        w = dequantize_packed(q.qweight, q.bits, q.scales, zeros, q.g_idx, markers).to(x.dtype)
+        w = dequantize_packed(q.qweight, q.bits, scales, zeros, q.g_idx, markers).to(x.dtype)
         y = linear_in_major(x2, w, q.bias)
         if weight_out is not None:
             weight_out["w"] = w

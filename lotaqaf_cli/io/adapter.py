@@ -3,7 +3,8 @@
 `adapter.safetensors` holds, per adapted layer NAME:
 - LoTA-QAF: `NAME.A_T` and `NAME.B_T` as 2-bit codes (value + 1 in {0, 1, 2}) packed 16 per
   int32 word in GPTQ's bit order, flattened row-major and zero-padded to a whole word;
-- LoRA / QA-LoRA: `NAME.lora_A`, `NAME.lora_B` in their training dtype.
+- LoRA / QA-LoRA: `NAME.lora_A`, `NAME.lora_B` in their training dtype;
+- scales / zeros (core/quant_params.py): `NAME.scales` (the float32 master) and/or `NAME.zero_delta`.
 The safetensors metadata holds a JSON header: the adapter's spec (kind, rank, omega,
 offset_granularity or alpha, target_modules), steps, seed, shapes, and `base_hash` (content hash of
 the quantized base). Loading onto another base is refused.
@@ -22,21 +23,26 @@ from torch import nn
 from ..core.lora import LoRALinear, attach_lora
 from ..core.qlinear import replace_module
 from ..core.quant import pack_ternary, unpack_ternary
+from ..core.quant_params import QuantParamLinear, attach_quant_params
 from ..core.ternary import TernaryLinear, attach_ternary_adapters
 from ..errors import LotaqafError
 from .files import atomic_file
 
 FORMAT = "lotaqaf-adapter-v1"
-KINDS = ("lota", "lora", "qalora")
+KINDS = ("lota", "lora", "qalora", "scales", "zeros")
+EXACT_KINDS = ("lota", "scales", "zeros")  # merged bit-exactly (the others re-quantize)
 SPEC_KEYS = {"lota": ("kind", "rank", "omega", "offset_granularity", "markers", "target_modules"),
-             "lora": ("kind", "rank", "alpha", "dropout", "target_modules")}
+             "lora": ("kind", "rank", "alpha", "dropout", "target_modules"),
+             "scales": ("kind", "train", "target_modules")}
 SPEC_KEYS["qalora"] = SPEC_KEYS["lora"]
+SPEC_KEYS["zeros"] = SPEC_KEYS["scales"]
 SPEC_DEFAULTS = {"lota": {"markers": True}}   # also for files written before the key existed
 
 
 def adapter_spec(kind: str, target_modules, **settings) -> dict:
-    """What defines an adapter's layers (the header keys of its file): kind, rank, target modules and
-    omega + offset_granularity + markers (lota) or alpha + dropout (lora, qalora)."""
+    """What defines an adapter's layers (the header keys of its file): kind, target modules and rank +
+    omega + offset_granularity + markers (lota), rank + alpha + dropout (lora, qalora) or the trained
+    quantization parameters, train (scales, zeros)."""
     spec = {"kind": kind, "target_modules": list(target_modules), **SPEC_DEFAULTS.get(kind, {}), **settings}
     return {k: spec[k] for k in SPEC_KEYS[kind]}
 
@@ -50,6 +56,8 @@ def attach_adapter(model: nn.Module, spec: dict, seed: int | None = None) -> lis
         g = None if seed is None else torch.Generator().manual_seed(seed)
         names = attach_ternary_adapters(model, spec["rank"], spec["omega"], spec["offset_granularity"], targets,
                                         generator=g, markers=spec.get("markers", True))
+    elif spec["kind"] in ("scales", "zeros"):
+        names = attach_quant_params(model, spec["train"], targets)
     else:
         if seed is not None:
             torch.manual_seed(seed)
@@ -60,7 +68,7 @@ def attach_adapter(model: nn.Module, spec: dict, seed: int | None = None) -> lis
 
 
 def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (TernaryLinear, LoRALinear))}
+    return {n: m for n, m in model.named_modules() if isinstance(m, (TernaryLinear, LoRALinear, QuantParamLinear))}
 
 
 @contextlib.contextmanager
@@ -103,8 +111,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, header: dict) -> Non
                 tensors[f"{n}.{p_name}"] = pack_ternary(p)
                 shapes[f"{n}.{p_name}"] = list(p.shape)
         else:
-            tensors[f"{n}.lora_A"] = m.lora_A.detach().contiguous()
-            tensors[f"{n}.lora_B"] = m.lora_B.detach().contiguous()
+            tensors.update({f"{n}.{p_name}": p.detach().contiguous() for p_name, p in m.named_parameters(recurse=False)})
     meta = {"format": FORMAT, **header, "shapes": shapes, "layers": list(adapter_layers(model))}
     path = Path(path)
     with atomic_file(path) as tmp:  # a reader sees the old file or the whole new one

@@ -350,7 +350,17 @@ class RunDir:
         return rec.get("source_hash") or (base_info or {}).get("provenance", {}).get("source_hash")
 
     def load_base(self, dtype: torch.dtype = torch.float32):
-        """(model, tokenizer, info) of the run's quantized base (non-quantized tensors in ``dtype``)."""
+        """(model, tokenizer, info) of the run's quantized base (non-quantized tensors in ``dtype``). An NF4
+        base (quant=nf4) is not cached: it is made again from the source, which gives the same base."""
+        cfg = self.config()
+        if cfg.quant.method == "nf4":
+            from .. import precision
+            from ..core.nf4 import nf4_base_info, quantize_model_nf4
+            from .models import load_model
+
+            src = load_model(cfg.model.path, cfg.model.dtype)
+            quantize_model_nf4(src.model, list(cfg.model.target_modules), dtype, blocksize=cfg.quant.group_size)
+            return precision.cast_(src.model, dtype), src.tokenizer, nf4_base_info(src.source_hash, cfg.quant.group_size)
         return load_quantized(self.base_dir(), dtype)
 
     def load_adapted(self, dtype: torch.dtype = torch.float32):

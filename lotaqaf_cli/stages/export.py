@@ -5,6 +5,8 @@
     convert(merged, fmt, allow_lossy, ...)    -> (gptq / hf16 model, offset branches, report): what write saves
     exact_formats(merged)                     -> the formats that hold it exactly (what refusals suggest)
     compare(merged, held, windows)            -> max |logit difference| (and perplexities)
+    lora_branch_model(adapted), write_lora(...) a LoRA / QA-LoRA run unmerged (export.source=adapter): its GPTQ
+                                                 base + the adapter as a PEFT LoRA, the gptq layout below
 
 gptq  a standard GPTQ checkpoint (integer zero points). With the offset factor the merged zero points
       z' are fractional; the export then rounds them to integers z and adds the difference back as a
@@ -28,6 +30,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from ..core.lora import LoRALinear, QALoRALinear
 from ..core.merge import compare_models
 from ..core.qlinear import QuantLinear, dequantized_model, quantized_modules, replace_module
 from ..errors import LotaqafError
@@ -90,6 +93,32 @@ def offset_branch_model(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[to
     return plain, branches, {"fractional_zero_points": n_frac, "offset_branch_layers": len(branches),
                              "offset_branch_parameters": extra, "quantized_weights": weights,
                              "offset_branch_macs_per_token_ratio": extra / max(weights, 1)}
+
+
+def lora_branch_model(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """A LoRA or QA-LoRA adapter model as what a GPTQ engine with PEFT serves: (its base, the adapter as
+    standard LoRA pairs A [r, D_in], B [D_out, r] with the scaling folded into B). QA-LoRA's pooled input
+    is a LoRA whose A repeats each group's row divided by the group's size."""
+    plain = copy.deepcopy(model)
+    branches = {}
+    for name, m in [(n, m) for n, m in plain.named_modules() if isinstance(m, LoRALinear)]:
+        a = m.lora_A.detach().float()
+        if isinstance(m, QALoRALinear):
+            g = m.base.g_idx.long()
+            a = a[g] / m.group_counts[g, None]
+        branches[name] = (a.t().contiguous(), (m.lora_B.detach().float() * m.scaling).t().contiguous())
+        replace_module(plain, name, m.base)
+    return plain, branches
+
+
+def write_lora(base: nn.Module, lora: dict, tmp: Path, tokenizer, info: dict, adapter_file: Path, final_dir: Path,
+               report: dict) -> tuple[nn.Module, bool]:
+    """Write a LoRA-type run unmerged (:func:`lora_branch_model`): its GPTQ base and ``lora`` as a PEFT LoRA
+    (offset_lora/, what gptqmodel + PEFT load). Returns the model as the files hold it, and True (a branch)."""
+    save_quantized(base, tokenizer, tmp, info["settings"], {**info["provenance"], "exported_from": info["content_hash"],
+                                                            "adapter": str(adapter_file)})
+    report["offset_lora"] = save_offset_lora(tmp / "offset_lora", lora, str(final_dir))
+    return with_branches(base, lora), True
 
 
 def with_branches(plain: nn.Module, branches: dict) -> nn.Module:

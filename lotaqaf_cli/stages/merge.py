@@ -7,7 +7,8 @@ bit-exact certificate.
 The merge runs in place: each decoder layer's adapter layers are replaced by their merged QuantLinears
 and the layer is handed to ``write_layer(i, layer, merged)`` (a sharded checkpoint writer) before the
 next one, so no second model is ever held. LoTA-QAF merges losslessly (codes + markers, zero points -
-mu: core/merge.py); LoRA and QA-LoRA merges re-quantize, are reported with their loss, and their
+mu: core/merge.py), and so do the trained scales and zero points (core/quant_params.py: the same codes
+with the trained s and z'); LoRA and QA-LoRA merges re-quantize, are reported with their loss, and their
 adapter layers are put back afterwards (the adapter model is what a LoRA run evaluates).
 
 The certificate, on the probe batch (core.merge.probe_batch):
@@ -18,7 +19,8 @@ The certificate, on the probe batch (core.merge.probe_batch):
   same activations are compared again;
 - whole model: the max |logit difference| and, given held-out windows, both perplexities (the adapter
   model's measured before the merge, the merged model's after: one model in memory throughout).
-A LoTA merge whose differences are not all exactly 0.0 is refused (nothing is renamed into place).
+A merge of an exact kind (io.adapter.EXACT_KINDS) whose differences are not all exactly 0.0 is refused
+(nothing is renamed into place).
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ from ..core.merge import (
 )
 from ..core.perplexity import perplexity
 from ..core.qlinear import replace_module
+from ..core.quant_params import QuantParamLinear
 from ..core.quantize_model import decoder_layers
 from ..core.ternary import TernaryLinear
 from ..errors import LotaqafError
+from ..io.adapter import EXACT_KINDS
 from ..precision import dtype_name
 
 
@@ -50,7 +54,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def _adapter_names(block: torch.nn.Module) -> list[str]:
-    return [n for n, m in block.named_modules() if isinstance(m, (TernaryLinear, LoRALinear))]
+    return [n for n, m in block.named_modules() if isinstance(m, (TernaryLinear, LoRALinear, QuantParamLinear))]
 
 
 @torch.no_grad()
@@ -102,7 +106,8 @@ def merge(model: torch.nn.Module, kind: str, windows: torch.Tensor | None = None
     ``write_layer(i, layer, merged)`` writes layer i (``merged``: its core.merge.MergedLayer by full name);
     ``read_layer(i)`` returns the QuantLinears written for layer i, by full name (None: no from-disk check).
     Returns ({full name: MergedLayer.stats} for LoTA-QAF, the certificate)."""
-    if kind == "lota" and windows is not None:
+    exact = kind in EXACT_KINDS
+    if exact and windows is not None:
         ppl_adapter, n_tokens = perplexity(model, windows)
     ref_logits, hidden, kwargs = _probe(model)
     stats: dict[str, dict] = {}
@@ -118,12 +123,14 @@ def merge(model: torch.nn.Module, kind: str, windows: torch.Tensor | None = None
             if kind == "lota":
                 merged_here[full] = merge_ternary(adapter)
                 new = merged_here[full].layer
+            elif exact:
+                new = adapter.merged()
             else:
                 new, lora_layers[full] = requantize_lora(adapter), adapter
             x, y = io[n]
             layer_diff = max(layer_diff, _max_diff(new(x), y))
             replace_module(block, n, new)
-        if kind == "lota" and layer_diff != 0.0:
+        if exact and layer_diff != 0.0:
             raise LotaqafError(f"merge verification failed at decoder layer {i}: a merged layer's output differs "
                                f"from its adapter layer's by {layer_diff:g} (expected 0.0); no merged checkpoint "
                                "written")
@@ -134,7 +141,7 @@ def merge(model: torch.nn.Module, kind: str, windows: torch.Tensor | None = None
                 n = full[len(f"model.layers.{i}."):]
                 if n in io:
                     disk_diff = max(disk_diff, _max_diff(written.to(hidden[i].device)(io[n][0]), io[n][1]))
-            if kind == "lota" and disk_diff != 0.0:
+            if exact and disk_diff != 0.0:
                 raise LotaqafError(f"merge verification failed on the written checkpoint at decoder layer {i}: "
                                    f"max |output difference| = {disk_diff:g}; no merged checkpoint written")
         stats.update({full: ml.stats for full, ml in merged_here.items()})
@@ -148,7 +155,7 @@ def merge(model: torch.nn.Module, kind: str, windows: torch.Tensor | None = None
         cert["max_abs_layer_diff_from_disk"] = disk_diff
     if windows is not None:
         ppl_merged, n_tokens = perplexity(model, windows)
-        if kind != "lota":  # the adapter model's, with its adapter layers back
+        if not exact:  # the adapter model's, with its adapter layers back
             _restore(model, lora_layers)
             ppl_adapter, _ = perplexity(model, windows)
         cert["perplexity"] = {"adapter": ppl_adapter, "merged": ppl_merged, "change": ppl_merged - ppl_adapter,
@@ -160,7 +167,7 @@ def merge(model: torch.nn.Module, kind: str, windows: torch.Tensor | None = None
         n = max(tot["plus"] + tot["minus"] + tot["zero"], 1)
         cert["codes"] = {**tot, "total": n, "changed_frac": (tot["plus"] + tot["minus"]) / n}
         cert["layers"] = stats
-    if kind == "lota" and logit_diff != 0.0:
+    if exact and logit_diff != 0.0:
         raise LotaqafError(f"merge verification failed: max |logit difference| = {logit_diff:g} (expected 0.0); "
                            "no merged checkpoint written")
     return stats, cert

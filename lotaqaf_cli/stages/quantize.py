@@ -5,6 +5,7 @@
     quantize(model, windows, quant, device)   -> (quantized copy of the model, per-layer stats)
     quantize_streamed(skeleton, load_layer, emit_layer, windows, quant, device)
                                               -> per-layer stats; one decoder layer resident at a time
+    quantize_nf4(model, quant, targets, dtype)  quant=nf4 (QLoRA's base, core/nf4.py): in place, no calibration
 
 Both take ``activations_on_host``: the calibration activations kept in (pinned) host memory and moved
 to the device one batch at a time, for when they do not fit beside the model; the codes are the same.
@@ -118,3 +119,15 @@ def show_table(per_kind: dict) -> None:
         t.add_row(k, str(v["layers"]), f"{v['gptq_error']:.4g}", f"{v['rtn_error']:.4g}", f"{ratio:.3f}")
     if not ui.quiet():
         ui.console.print(t)
+
+
+
+def quantize_nf4(model: torch.nn.Module, quant: DictConfig, targets, dtype: torch.dtype) -> list[str]:
+    """Replace, in place, the targeted linears of ``model`` (from its float weights) by NF4 layers computing
+    in ``dtype`` (core/nf4.py); returns their names."""
+    from ..core.nf4 import quantize_model_nf4
+
+    names = quantize_model_nf4(model, list(targets), compute_dtype=dtype, blocksize=quant.group_size)
+    if not names:
+        raise LotaqafError(f"no linear layer matches model.target_modules={list(targets)}")
+    return names

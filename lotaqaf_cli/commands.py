@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import chain, dist, memory, precision, ui
 from .config import writable_dir
+from .core.nf4 import NF4_BLOCKSIZE, is_nf4, nf4_bits_per_weight
 from .core.qlinear import quantized_modules
 from .errors import LotaqafError
 from .io import sizes
@@ -165,11 +166,20 @@ def cmd_export(cfg: DictConfig) -> None:
     if ex.source == "adapter":
         name = f"{fmt}-adapter"
     out_dir = run.export_dir(name)
-    if ex.source == "adapter":  # a LoRA-type run as it deploys unmerged: the GPTQ base + the adapter in PEFT
+    qlora = False
+    if ex.source == "adapter":  # a LoRA-type run as it deploys unmerged: the base + the adapter in PEFT
         model, tok, header, info = run.load_adapted()
         if header["kind"] not in ("lora", "qalora"):
             raise LotaqafError(f"export.source=adapter exports a LoRA or QA-LoRA adapter beside its base; this run's "
                                f"adapter is {header['kind']}, which merges exactly: export its merged model")
+        qlora = info["settings"].get("method") == "nf4"
+        if qlora and info["settings"]["group_size"] != NF4_BLOCKSIZE:
+            raise LotaqafError(f"transformers quantizes NF4 in blocks of {NF4_BLOCKSIZE}; this run's NF4 base used "
+                               f"quant.group_size={info['settings']['group_size']}, which no transformers load reproduces")
+        if fmt != ("hf16" if qlora else "gptq"):
+            raise LotaqafError("export.source=adapter: a QLoRA run (quant=nf4) exports with --format hf16 (the 16-bit "
+                               "source, NF4 at load, + the LoRA)" if qlora else "export.source=adapter: a LoRA or "
+                               "QA-LoRA run exports with --format gptq (the GPTQ base + the LoRA)")
     else:
         model, tok, info = run.load_merged()
     if out_dir.exists():
@@ -177,23 +187,34 @@ def cmd_export(cfg: DictConfig) -> None:
     windows = run.heldout_windows(info, tok)
     report: dict = {"format": fmt, "source": str(run.merged_dir if ex.source == "merged" else run.adapter_file),
                     "merged_hash" if ex.source == "merged" else "base_hash": info["content_hash"]}
-    if ex.source == "adapter":
+    if qlora:
+        others, qmods = [], {}
+    elif ex.source == "adapter":
         files, lora = export.lora_branch_model(model)
         others, qmods = [], quantized_modules(files)
     else:
         others, qmods = [f for f in export.exact_formats(model) if f != fmt], quantized_modules(model)
     qnames, weights = list(qmods), sum(q.in_features * q.out_features for q in qmods.values())
     with atomic_dir(out_dir) as tmp:
-        if ex.source == "adapter":
+        if qlora:
+            source = load_model(run.config().model.path).model
+            held, branched = export.write_qlora(model, source, tok, tmp, out_dir, info["settings"]["group_size"], report)
+            del source
+        elif ex.source == "adapter":
             held, branched = export.write_lora(files, lora, tmp, tok, info, run.adapter_file, out_dir, report)
             del files
         else:
             held, branched = export.write(model, fmt, tmp, ex, tok, info, run.config().model.path, out_dir, others,
                                           report)
-        with ui.status("comparing the export with the merged model ..."):
+        with ui.status(f"comparing the export with the {ex.source} model ..."):
             report.update(export.compare(model, held, windows))
-        layer_bytes = sizes.quantized_layer_bytes(tmp, fmt, qnames)
-        report.update({"size_bytes": sizes.disk_size(tmp), "bits_per_weight": 8 * layer_bytes / weights})
+        report["size_bytes"] = sizes.disk_size(tmp)
+        if qlora:  # the files hold 16-bit weights; served, they are NF4 + the LoRA
+            n = sum(m.in_features * m.out_features for m in model.modules() if is_nf4(m))
+            lora_params = sum(a.numel() + b.numel() for a, b in export.lora_pairs(model).values())
+            report["bits_per_weight"] = nf4_bits_per_weight(info["settings"]["group_size"]) + 16 * lora_params / n
+        else:
+            report["bits_per_weight"] = 8 * sizes.quantized_layer_bytes(tmp, fmt, qnames) / weights
         reference = None
         if ex.check:
             # an unmerged adapter's reference is the base + branch form the files hold (dequantizing the LoRA
@@ -205,7 +226,7 @@ def cmd_export(cfg: DictConfig) -> None:
             del model  # the engine loads the export in its own process: one model in memory at a time
             memory.trim_heap()
             report["engines"] = {}
-            for kind in engines.engines_for(fmt, branched):
+            for kind in ["transformers_bnb_peft"] if qlora else engines.engines_for(fmt, branched):
                 with ui.status(f"running the export in {kind} ..."):
                     report["engines"][kind] = engines.engine_check(
                         kind, tmp, *reference, engines.default_pythons(ex.check_python),
@@ -215,8 +236,9 @@ def cmd_export(cfg: DictConfig) -> None:
 
 
 def _say_export(fmt: str, out_dir: Path, report: dict, branched: bool, source: str = "merged") -> None:
-    held_as = {"hf16": "float32", "gptq": "codes, scales, zeros" + (
-        (", the LoRA" if source == "adapter" else ", offset branch") if branched else "")}
+    held_as = {"hf16": "the 16-bit source, NF4 at load, the LoRA" if "nf4" in report else "float32",
+               "gptq": "codes, scales, zeros" + ((", the LoRA" if source == "adapter" else ", offset branch")
+                                                 if branched else "")}
     ui.say(f"exported {fmt} to {out_dir}: {ui.size(report['size_bytes'])} on disk, {report['bits_per_weight']:.3f} "
            f"bits per quantized weight ({held_as.get(fmt, 'codes, scales, zeros')}); "
            f"max |logit diff| vs the {source} model {report['max_abs_logit_diff']:.3g}"

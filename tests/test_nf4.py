@@ -198,3 +198,28 @@ def test_missing_bitsandbytes_is_a_user_error(monkeypatch, capsys, in_tmp):
                         find_spec(name, *a))
     one_line_error(capsys, ["train", "recipe=smoke", "quant=nf4", "adapter=lora"],
                    "quant=nf4 needs bitsandbytes (pip install bitsandbytes)")
+
+
+def test_qlora_chain_on_the_smoke_model(tmp_path):
+    """`lotaqaf train quant=nf4 adapter=lora`: the NF4 base is built from the source, the LoRA trains on it, the
+    merge back into NF4 is measured and not written; `lotaqaf merge` on the run from disk rebuilds the same NF4
+    base (the adapter's base hash binds it) and measures the same loss; `lotaqaf export --format hf16
+    export.source=adapter` runs in transformers quantizing to NF4 at load + PEFT, with lotaqaf's continuations."""
+    import json
+
+    from cli_helpers import run_commands_in
+
+    run_commands_in(tmp_path, [["train", "recipe=smoke", "quant=nf4", "quant.group_size=64", "adapter=lora",
+                                "optim.lr=0.01", "optim.steps=3", "run.dir=runs/q", "stages=[quantize,train,ppl,merge]"]])
+    run = tmp_path / "runs/q"
+    cert = json.loads((run / "merge_certificate.json").read_text())
+    assert cert["written"] is False and not (run / "merged").exists() and cert["max_abs_logit_diff"] > 0
+    quant = json.loads((run / "quantize.json").read_text())
+    assert quant["nf4"] and quant["settings"] == {"method": "nf4", "bits": 4, "group_size": 64, "double_quant": True}
+    (run / "merge_certificate.json").unlink()
+    run_commands_in(tmp_path, [["merge", "run=runs/q"]])
+    again = json.loads((run / "merge_certificate.json").read_text())
+    assert again["max_abs_logit_diff"] == cert["max_abs_logit_diff"] and again["base_hash"] == cert["base_hash"]
+    run_commands_in(tmp_path, [["export", "run=runs/q", "--format", "hf16", "export.source=adapter"]])
+    engine = json.loads((run / "export-hf16-adapter.json").read_text())["engines"]["transformers_bnb_peft"]
+    assert engine["checked"] and engine["same_continuations"] == engine["prompts"] == 8, engine

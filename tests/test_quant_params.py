@@ -145,3 +145,30 @@ def test_cli_trains_and_merges_with_certificate_zero(adapter, train, fmt, smoke_
     with safe_open(str(run / "adapter.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert any(k.endswith(".scales") for k in keys) and any(k.endswith(".zero_delta") for k in keys) == (adapter == "zeros")
+
+
+def test_merge_from_disk_at_bf16_keeps_the_trained_parameters(smoke_lota_root, tmp_path):
+    """`lotaqaf merge` in a fresh process at precision=bf16 casts the base's float tensors, never the adapter's:
+    the merged checkpoint's scales are the adapter file's float32 scales rounded to fp16 (not first to bf16),
+    and its zero points z - delta / s0 of the file's delta."""
+    from cli_helpers import copy_smoke_run, run_commands_in
+    from safetensors.torch import load_file
+
+    from lotaqaf_cli.io.checkpoint import weight_files
+
+    root = copy_smoke_run(smoke_lota_root, tmp_path)
+    run_commands_in(root, [["train", "recipe=smoke", "run.dir=runs/smoke/z", "adapter=zeros", "adapter.train=[scales,zeros]",
+                            "optim.lr=0.01", "optim.steps=4", "precision=bf16", "stages=[quantize,train]"],
+                           ["merge", "run=runs/smoke/z", "precision=bf16"]])
+    run = root / "runs/smoke/z"
+    adapter = load_file(str(run / "adapter.safetensors"))
+    merged = {k: v for f in weight_files(run / "merged") for k, v in load_file(str(f)).items()}
+    base, _, _ = load_quantized(json.loads((run / "quantize.json").read_text())["checkpoint"])
+    names = [k[: -len(".scales")] for k in adapter if k.endswith(".scales")]
+    assert names
+    for n in names:
+        s = adapter[f"{n}.scales"]
+        assert s.dtype == torch.float32 and not torch.equal(s, s.bfloat16().float())  # trained to finer than bf16
+        assert torch.equal(merged[f"{n}.scales"], s.half()), n
+        z = base.get_submodule(n).zeros.float() - adapter[f"{n}.zero_delta"] / base.get_submodule(n).scales.float()
+        assert torch.equal(merged[f"{n}.zero_points"], z), n

@@ -6,7 +6,7 @@
 - LoRA / QA-LoRA: `NAME.lora_A`, `NAME.lora_B` in their training dtype;
 - scales / zeros (core/quant_params.py): `NAME.scales` (the float32 master) and/or `NAME.zero_delta`.
 The safetensors metadata holds a JSON header: the adapter's spec (kind, rank, omega,
-offset_granularity or alpha, target_modules), steps, seed, shapes, and `base_hash` (content hash of
+offset_granularity or alpha, or train; target_modules), steps, seed, shapes, and `base_hash` (content hash of
 the quantized base). Loading onto another base is refused.
 """
 
@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.lora import LoRALinear, attach_lora
+from ..core.adapters import ADAPTER_LAYERS
+from ..core.lora import attach_lora
 from ..core.qlinear import replace_module
 from ..core.quant import pack_ternary, unpack_ternary
-from ..core.quant_params import QuantParamLinear, attach_quant_params
+from ..core.quant_params import attach_quant_params
 from ..core.ternary import TernaryLinear, attach_ternary_adapters
 from ..errors import LotaqafError
 from .files import atomic_file
@@ -68,7 +69,7 @@ def attach_adapter(model: nn.Module, spec: dict, seed: int | None = None) -> lis
 
 
 def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (TernaryLinear, LoRALinear, QuantParamLinear))}
+    return {n: m for n, m in model.named_modules() if isinstance(m, ADAPTER_LAYERS)}
 
 
 @contextlib.contextmanager

@@ -21,6 +21,9 @@ transformers  transformers AutoModelForCausalLM.from_pretrained(EXPORT_DIR), flo
 gguf_transformers  transformers' GGUF loader: model.gguf, dequantized to float32
 gptqmodel_peft     gptqmodel (torch kernel) on EXPORT_DIR and PEFT's LoRA from EXPORT_DIR/offset_lora
 gptqmodel          gptqmodel alone (a GPTQ export without an offset branch)
+transformers_bnb_peft  transformers with bitsandbytes quantizing EXPORT_DIR's 16-bit weights to NF4 as it loads
+                   (the settings in EXPORT_DIR/lotaqaf_nf4.json) and PEFT's LoRA from EXPORT_DIR/offset_lora:
+                   how a QLoRA model is served
 """
 
 from __future__ import annotations
@@ -170,6 +173,30 @@ def run_gptqmodel(path: Path, prompts, continuations, with_peft: bool):
     return g, lg, engine, {}
 
 
+def run_transformers_bnb_peft(path: Path, prompts, continuations):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import bitsandbytes
+        import peft
+        import transformers
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    except ImportError:
+        raise EngineMissing("transformers, bitsandbytes and peft are not all installed") from None
+    import torch
+
+    nf4 = json.loads((path / "lotaqaf_nf4.json").read_text())
+    dtype = getattr(torch, nf4["compute_dtype"])
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                                bnb_4bit_use_double_quant=nf4["double_quant"],
+                                llm_int8_skip_modules=nf4["skip_modules"])
+    model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=config, device_map="cpu", dtype=dtype)
+    model = peft.PeftModel.from_pretrained(model, str(path / "offset_lora"))
+    engine = (f"transformers {transformers.__version__} + bitsandbytes {bitsandbytes.__version__} (NF4) "
+              f"+ peft {peft.__version__}")
+    g, lg = torch_probe(hf_forward(model.eval()), prompts, continuations)
+    return g, lg, engine, {}
+
+
 def run(kind: str, path: Path, prompts, continuations, texts=None):
     """(greedy continuations, teacher-forced logits, the engine and its version, other findings)."""
     if kind == "llama_cpp":
@@ -178,6 +205,8 @@ def run(kind: str, path: Path, prompts, continuations, texts=None):
         return run_gptqmodel(path, prompts, continuations, with_peft=kind == "gptqmodel_peft")
     if kind in ("transformers", "gguf_transformers"):
         return run_transformers(path, prompts, continuations, gguf=kind == "gguf_transformers")
+    if kind == "transformers_bnb_peft":
+        return run_transformers_bnb_peft(path, prompts, continuations)
     raise ValueError(kind)
 
 

@@ -7,6 +7,8 @@
     compare(merged, held, windows)            -> max |logit difference| (and perplexities)
     lora_branch_model(adapted), write_lora(...) a LoRA / QA-LoRA run unmerged (export.source=adapter): its GPTQ
                                                  base + the adapter as a PEFT LoRA, the gptq layout below
+    write_qlora(adapted, source, ...)         a QLoRA run (quant=nf4, export.source=adapter, --format hf16): the
+                                                 16-bit source, NF4 settings for bitsandbytes, the LoRA in PEFT
 
 gptq  a standard GPTQ checkpoint (integer zero points). With the offset factor the merged zero points
       z' are fractional; the export then rounds them to integers z and adds the difference back as a
@@ -24,6 +26,7 @@ Takes the recipe's `export` section; the command layer names the directory and r
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -32,6 +35,7 @@ from torch import nn
 
 from ..core.lora import LoRALinear, QALoRALinear
 from ..core.merge import compare_models
+from ..core.nf4 import is_nf4
 from ..core.qlinear import QuantLinear, dequantized_model, quantized_modules, replace_module
 from ..errors import LotaqafError
 from ..io.checkpoint import save_quantized
@@ -100,15 +104,39 @@ def lora_branch_model(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[torc
     standard LoRA pairs A [r, D_in], B [D_out, r] with the scaling folded into B). QA-LoRA's pooled input
     is a LoRA whose A repeats each group's row divided by the group's size."""
     plain = copy.deepcopy(model)
+    branches = lora_pairs(plain)
+    for name in branches:
+        replace_module(plain, name, plain.get_submodule(name).base)
+    return plain, branches
+
+
+def lora_pairs(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every LoRA-type layer of ``model`` as a standard LoRA pair (A [r, D_in], B [D_out, r], scaling in B)."""
     branches = {}
-    for name, m in [(n, m) for n, m in plain.named_modules() if isinstance(m, LoRALinear)]:
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]:
         a = m.lora_A.detach().float()
         if isinstance(m, QALoRALinear):
             g = m.base.g_idx.long()
             a = a[g] / m.group_counts[g, None]
         branches[name] = (a.t().contiguous(), (m.lora_B.detach().float() * m.scaling).t().contiguous())
-        replace_module(plain, name, m.base)
-    return plain, branches
+    return branches
+
+
+def write_qlora(adapted: nn.Module, source: nn.Module, tokenizer, tmp: Path, final_dir: Path, blocksize: int,
+                report: dict) -> tuple[nn.Module, bool]:
+    """A QLoRA run as it is served: the 16-bit source weights, which bitsandbytes quantizes to NF4 as
+    transformers loads them (the settings in lotaqaf_nf4.json: the same codes as the run's NF4 base), and the LoRA
+    as a PEFT adapter in offset_lora/. Returns the model the files give (the adapter model itself) and True."""
+    source.save_pretrained(str(tmp), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    skip = sorted({n.rsplit(".", 1)[-1] for n, m in adapted.named_modules() if type(m) is nn.Linear})
+    dtype = str(next(m for m in adapted.modules() if is_nf4(m)).compute_dtype).removeprefix("torch.")
+    nf4 = {"compute_dtype": dtype, "double_quant": True, "blocksize": blocksize, "skip_modules": skip}
+    (tmp / "lotaqaf_nf4.json").write_text(json.dumps(nf4, indent=2) + "\n")
+    lora = lora_pairs(adapted)
+    report.update(nf4=nf4, offset_lora=save_offset_lora(tmp / "offset_lora", lora, str(final_dir)))
+    return adapted, True
 
 
 def write_lora(base: nn.Module, lora: dict, tmp: Path, tokenizer, info: dict, adapter_file: Path, final_dir: Path,

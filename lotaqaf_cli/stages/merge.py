@@ -29,7 +29,7 @@ import lotaqaf_kernels as kernels
 import torch
 
 from .. import __version__
-from ..core.lora import LoRALinear
+from ..core.adapters import ADAPTER_LAYERS
 from ..core.merge import (
     PROBE_SEED,
     PROBE_SHAPE,
@@ -41,9 +41,7 @@ from ..core.merge import (
 )
 from ..core.perplexity import perplexity
 from ..core.qlinear import replace_module
-from ..core.quant_params import QuantParamLinear
 from ..core.quantize_model import decoder_layers
-from ..core.ternary import TernaryLinear
 from ..errors import LotaqafError
 from ..io.adapter import EXACT_KINDS
 from ..precision import dtype_name
@@ -54,7 +52,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def _adapter_names(block: torch.nn.Module) -> list[str]:
-    return [n for n, m in block.named_modules() if isinstance(m, (TernaryLinear, LoRALinear, QuantParamLinear))]
+    return [n for n, m in block.named_modules() if isinstance(m, ADAPTER_LAYERS)]
 
 
 @torch.no_grad()

@@ -54,7 +54,8 @@ def inputs(cfg: DictConfig, device_type: str, streamed: bool, max_positions: int
     return core.Inputs(
         device=device_type, source_dtype=cfg.model.dtype, streamed=streamed, bits=q.bits, group_size=q.group_size,
         calib_tokens=cfg.calib.n_samples * cfg.calib.seq_len, calib_batch_tokens=q.batch_size * cfg.calib.seq_len,
-        adapter=cfg.adapter.kind, rank=len(cfg.adapter.train) if "train" in cfg.adapter else cfg.adapter.rank, micro_batch=o.batch_size,
+        adapter=cfg.adapter.kind, rank=len(cfg.adapter.train) if "train" in cfg.adapter else cfg.adapter.rank,
+        micro_batch=o.batch_size,
         train_len=d.source_len + d.target_len, checkpointing=bool(o.gradient_checkpointing),
         ppl_tokens=cfg.ppl.batch_size * cfg.ppl.seq_len,
         eval_tokens=cfg.eval.batch_size * min(MMLU_PROMPT_TOKENS, max_positions), source_held=source_held,

@@ -128,6 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engines", metavar="PYTHON", nargs="?", const="", default=None,
                    help="after the rows, run the exports of each artifact class in the engines that serve them "
                         "(`lotaqaf export`'s check; PYTHON: an interpreter with gptqmodel, peft, llama-cpp-python)")
+    p.add_argument("--engine-bits", type=int, nargs="+", default=None,
+                   help="--engines: check these widths only (default every width); the others say 'not checked'")
     p.add_argument("--render", metavar="JSON", help="only rewrite <out>.md and .png from a results JSON of this script")
     return p.parse_args(argv)
 
@@ -375,12 +377,17 @@ ENGINE_FORMATS = {2: ("gptq", "torchao"), 3: ("gptq", "torchao"), 4: ("gptq", "t
 # only where its Q4_1 blocks hold the codes' own precision (docs/formats.md: not at 2 and 3 bits in llama.cpp)
 
 
-def engine_checks(res: dict, python: str | None) -> None:
+def engine_checks(res: dict, python: str | None, widths: list[int] | None = None) -> None:
     """Fill each row's `exact_in` from `lotaqaf export` runs (the engines whose greedy continuations equal
-    lotaqaf's on every probe prompt), in place."""
+    lotaqaf's on every probe prompt), in place; rows of other ``widths`` say they were not checked."""
     by = {(r["method"], r["bits"]): r for r in res["rows"]}
     checked = []
     for (method, bits), r in by.items():
+        if method in ("base", "gptq", "nf4"):
+            continue
+        if widths is not None and bits not in widths:
+            r.setdefault("exact_in", "not checked")
+            continue
         if method == "lora":  # deploys unmerged: the GPTQ base + the LoRA in PEFT
             if "engine_results" not in r:
                 r["engine_results"] = {"gptq": _export_check(Path(r["run"]), "gptq", python, adapter=True)}
@@ -652,7 +659,7 @@ def main(argv=None) -> int:
     if args.render:
         res = json.loads(Path(args.render).read_text())
         if args.engines is not None:  # the engine checks added to an earlier run's results
-            engine_checks(res, args.engines or None)
+            engine_checks(res, args.engines or None, args.engine_bits)
             write_outputs(res, args.out)
             return 0
         write_text_atomic(Path(args.out).with_suffix(".md"), markdown(res))
@@ -663,7 +670,7 @@ def main(argv=None) -> int:
     else:
         res = reproduce(args)
         if args.engines is not None:
-            engine_checks(res, args.engines or None)
+            engine_checks(res, args.engines or None, args.engine_bits)
         paths = write_outputs(res, args.out)
         ui.say(markdown(res))
         ui.say("written: " + ", ".join(paths.values()))

@@ -1,6 +1,6 @@
 """LoTA-QAF beside the methods users pick instead, on SmolLM2-135M-Instruct (embedded), offline, on this machine.
 
-    python scripts/reproduce.py --sweep-bits 2     # the committed table (docs/results/smollm2.md has its time)
+    python scripts/reproduce.py                    # the committed table (docs/results/smollm2.md has its time)
     python scripts/reproduce.py --render docs/results/smollm2.json --engines PY   # add "exact in" (engine checks)
     python scripts/reproduce.py --quick           # INT2 on a small subset, a few minutes (run by `make test`)
     python scripts/reproduce.py --check           # rerun the committed table's settings; exit 1 naming the rows that moved
@@ -9,9 +9,11 @@
 For every bit width: one GPTQ base (the recipe's quantizer, cached under <root>/_cache), then every method
 trained on it with the same shipped self-distilled data, steps, batch and seed: GPTQ + LoRA, QA-LoRA, LoTA-QAF,
 LoTA-QAF integer-only (no offset factor), scales (PEQA / E2E-QP), zeros, scales+zeros and, at 4 bits, QLoRA
-(its own NF4 base). Each method sweeps its one knob over three values (SWEEP) at the --sweep-bits widths and
-keeps the value with the lowest perplexity on a validation slice (the last quarter of the calibration windows:
-neither training data nor held-out text); the other widths reuse that value. The chosen run of an exact kind
+(its own NF4 base). Each method sweeps its one knob over three values (SWEEP) at every width (or at the
+--sweep-bits widths, the others reusing the first one's choice) and keeps the value with the lowest perplexity
+on a validation slice (the last quarter of the calibration windows: neither training data nor held-out text).
+A learning rate chosen at one width does not carry to another: scales and zero points are trained in weight
+units, and a 4-bit step size is ~5x smaller than a 2-bit one (docs/decisions.md). The chosen run of an exact kind
 is merged (with its certificate) and its MERGED checkpoint, loaded as a user loads it, is the row; it must
 score exactly what its adapter model scored, or the script fails. LoRA-type rows are the adapter model, with
 their lossy merge measured. Every model is scored on the same held-out windows (and on MMLU with --mmlu,
@@ -566,7 +568,8 @@ def markdown(res: dict) -> str:
             f"- Tuning, the same for every method: three values of its one knob (AdamW's learning rate; omega for "
             f"LoTA-QAF, whose t-SignSGD has no learning rate), chosen by the perplexity on a validation slice: the "
             f"last {val[0]} x {val[1]} tokens of the calibration windows, neither training data nor held-out text. "
-            f"Swept at " + ", ".join(f"INT{b}" for b in swept) + "; the other widths use the value chosen there.")
+            f"Swept at " + ", ".join(f"INT{b}" for b in swept) +
+            ("; the other widths use the value chosen there." if set(swept) != set(s["bits"]) else "."))
     lines += [
         "- The row of an exact kind (LoTA-QAF, integer-only, scales, zeros, scales+zeros) is its MERGED "
         "checkpoint, scored as a user loads it; its adapter model scored the same perplexity to the last bit and "

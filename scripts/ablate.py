@@ -152,7 +152,8 @@ class Sweep:
                 "gptq_ppl": self.gptq,
                 "settings": {"recipe": RECIPE, "steps": sorted({r["steps"] for r in self.rows}), "seed": cfg.seed,
                              "heldout": list(self.windows.shape), "heldout_hash": self.heldout_hash,
-                             "data": f"{cfg.data.source} ({cfg.data.n_samples} examples)"},
+                             "data": f"{cfg.data.source} ({cfg.data.n_samples} examples)",
+                             "precision": precision.resolve(cfg.precision, pick_device(cfg)).name},
                 "seconds": round(time.time() - self.t0, 1), "date": time.strftime("%Y-%m-%d"),
                 "machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"}
 
@@ -225,9 +226,9 @@ def markdown(res: dict) -> str:
         f"Produced by `{res['command']}` on {res['date']} ({res['machine']}; {res['seconds'] / 60:.1f} min in all)."
         + (" **Partial: the sweep was still running.**" if res.get("partial") else ""), "",
         *([res["note"], ""] if res.get("note") else []),
-        f"- Recipe `{s['recipe']}` at INT3 g64 and INT2 g32, {'/'.join(map(str, s['steps']))} t-SignSGD steps, "
-        f"seed {s['seed']}, "
-        f"training data {s['data']}, one quantized base per width.",
+        f"- Recipe `{s['recipe']}` at " + " and ".join(f"INT{b} g{GROUP_SIZE[int(b)]}" for b in res["gptq_ppl"]) +
+        f", {'/'.join(map(str, s['steps']))} t-SignSGD steps, seed {s['seed']}, training data {s['data']}, one "
+        f"quantized base per width; every model computed and scored at {s.get('precision', 'fp32')}.",
         f"- Held-out perplexity on {s['heldout'][0]} x {s['heldout'][1]} shipped held-out tokens "
         f"(16-bit: {res['fp16_ppl']:.4f}; GPTQ: " +
         ", ".join(f"INT{b} {p:.4f}" for b, p in res["gptq_ppl"].items()) + ").",

@@ -80,10 +80,12 @@ def test_same_data_same_numbers(smollm2_loaded):
     another run of this machine): the data no longer depends on where it was sampled."""
     from pathlib import Path
 
+    from lotaqaf_cli import precision
     from lotaqaf_cli.core.perplexity import perplexity
 
-    reported = json.loads((Path(__file__).resolve().parents[1] / "docs/results/ablation.json").read_text())["fp16_ppl"]
+    ablation = json.loads((Path(__file__).resolve().parents[1] / "docs/results/ablation.json").read_text())
+    reported, dtype = ablation["fp16_ppl"], precision.DTYPES[ablation["settings"].get("precision", "fp32")]
     w = shipped.windows(MODEL, "heldout", smollm2_loaded.source_hash, 16, 256, seed=4321)
-    got, n_tok = perplexity(smollm2_loaded.model.eval(), w)
+    got, n_tok = perplexity(precision.cast_copy(smollm2_loaded.model, dtype).eval(), w)
     assert n_tok == 16 * 255
     assert got == pytest.approx(reported, rel=1e-4)

@@ -452,7 +452,7 @@ def command_line(args) -> str:
             parts.append(f"--{flag.replace('_', '-')} " + " ".join(map(str, v if isinstance(v, list) else [v])))
     if getattr(args, "mmlu", None) is not None:
         parts.append("--mmlu" if args.mmlu else "--no-mmlu")
-    if getattr(args, "precision", "auto") != "auto":
+    if getattr(args, "precision", None) not in (None, "auto"):
         parts.append(f"--precision {args.precision}")
     return " ".join(parts)
 
@@ -552,6 +552,7 @@ def markdown(res: dict) -> str:
     lines = [
         "# SmolLM2-135M-Instruct: LoTA-QAF beside the methods users pick instead", "",
         f"Produced by `{res['command']}` on {res['date']} ({res['machine']}; {res['seconds'] / 60:.1f} min in all).", "",
+        *([res["note"], ""] if res.get("note") else []),  # e.g. how a resumed reproduction was run
         f"- Held-out perplexity: {s['ppl_windows'][0]} windows x {s['ppl_windows'][1]} tokens of text the 16-bit "
         "model wrote for held-out prompts (never used for calibration or training). recovery = (log ppl_base - "
         "log ppl) / (log ppl_base - log ppl_16bit), the base being the width's GPTQ model (NF4 for QLoRA): 0 is "

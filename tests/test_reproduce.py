@@ -153,3 +153,16 @@ def test_exact_in_comes_from_the_export_records(tmp_path):
                    "zeros": ["gptqmodel_peft (gptq)", "transformers (torchao)"],
                    "lora": ["gptqmodel_peft (gptq)"], "qalora": "none"}
     assert rows[1]["exact_in_from"] == "INT2 scales (PEQA)" and "INT2 LoTA-QAF" in res["exact_in_note"]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], "python scripts/reproduce.py"),
+    (["--sweep-bits", "2", "--precision", "auto"], "python scripts/reproduce.py --sweep-bits 2"),
+    (["--quick", "--steps", "3", "--precision", "fp32"], "python scripts/reproduce.py --quick --steps 3 --precision fp32"),
+])
+def test_the_recorded_command_parses_back(argv, expected):
+    """The command a results file records is what --check re-parses: the defaults leave no flag behind."""
+    rep = load_script("reproduce")
+    cmd = rep.command_line(rep.parse_args(argv))
+    assert cmd == expected
+    assert rep.command_line(rep.parse_args(cmd.split()[2:])) == cmd

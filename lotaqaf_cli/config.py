@@ -309,8 +309,8 @@ def _validate_joint(cfg: DictConfig, command: str) -> None:
         raise LotaqafError(f"quant=nf4 is 4-bit: quant.bits={cfg.quant.bits} is not allowed with it")
     if a.kind in ("scales", "zeros"):
         train = list(a.train)
-        if len(set(train)) != len(train) or (a.kind == "scales" and train != ["scales"]) or "zeros" not in train \
-                and a.kind == "zeros":
+        fits = train == ["scales"] if a.kind == "scales" else "zeros" in train
+        if len(set(train)) != len(train) or not fits:
             raise LotaqafError(f"adapter.train={_show(train)} does not fit adapter={a.kind}: adapter=scales trains "
                                "[scales]; adapter=zeros trains [zeros] or [scales,zeros]")
     if command in ("train", "quantize"):

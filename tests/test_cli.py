@@ -50,7 +50,8 @@ def test_run_commands_print_their_config(capsys, in_tmp):
     assert cfg["eval"]["limit"] == 2 and cfg["eval"]["tasks"] == ["mmlu", "ppl"] and cfg["eval"]["engine"] == "fast"
     assert main(["export", "run=runs/x", "export.format=gguf", "--allow-lossy", "--cfg"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
-    assert cfg["export"] == {"format": "gguf", "allow_lossy": True, "gguf_type": "q4_1", "offset_branch": True, "check": True,
+    assert cfg["export"] == {"format": "gguf", "allow_lossy": True, "gguf_type": "q4_1", "offset_branch": True, "source": "merged",
+                             "check": True,
                              "check_python": None}
 
 

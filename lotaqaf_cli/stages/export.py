@@ -127,6 +127,10 @@ def write_qlora(adapted: nn.Module, source: nn.Module, tokenizer, tmp: Path, fin
     """A QLoRA run as it is served: the 16-bit source weights, which bitsandbytes quantizes to NF4 as
     transformers loads them (the settings in lotaqaf_nf4.json: the same codes as the run's NF4 base), and the LoRA
     as a PEFT adapter in offset_lora/. Returns the model the files give (the adapter model itself) and True."""
+    if getattr(source, "hf_quantizer", None) is not None:  # a GGUF source, dequantized to float as transformers
+        source.hf_quantizer = None                        # loaded it: its weights save as a plain checkpoint
+        if hasattr(source.config, "quantization_config"):
+            del source.config.quantization_config
     source.save_pretrained(str(tmp), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
